@@ -1,0 +1,54 @@
+# Thin layer over the featcache CLI. Variables pass straight through, e.g.
+#   make features BACKBONE=xception
+#   make head HEAD=logreg
+#   make finetune EPOCHS=1
+PYTHON ?= python3
+VENV ?= .venv
+FC := $(VENV)/bin/featcache
+
+BACKBONE ?= xception
+WEIGHTS ?= imagenet
+DATA ?= cifar10
+SIZE ?=
+BATCH ?=
+CACHE_DIR ?= cache
+VIEWS ?= orig
+ENGINE ?= auto
+HEAD ?= mlp
+EPOCHS ?=
+RUN ?=
+
+FEATURE_ARGS = --backbone $(BACKBONE) --weights $(WEIGHTS) --data $(DATA) --cache-dir $(CACHE_DIR) \
+	--views $(VIEWS) $(if $(SIZE),--size $(SIZE))
+
+.PHONY: install test features head sweep finetune bench demo clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip
+	$(VENV)/bin/pip install -e ".[test,lite,tflite]"
+
+test:
+	$(VENV)/bin/python -m pytest -q
+
+features:
+	$(FC) features $(FEATURE_ARGS) --engine $(ENGINE) $(if $(BATCH),--batch-size $(BATCH))
+
+head:
+	$(FC) head $(FEATURE_ARGS) --head $(HEAD) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH))
+
+sweep:
+	$(FC) head $(FEATURE_ARGS) --sweep $(if $(EPOCHS),--epochs $(EPOCHS))
+
+finetune:
+	$(FC) finetune $(FEATURE_ARGS) $(if $(RUN),--run $(RUN)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH))
+
+bench:
+	@echo "make bench: not yet available (benchmark harness is in progress)"; exit 1
+
+demo:
+	@echo "make demo: not yet available (needs the EfficientNet-Lite weights)"; exit 1
+
+clean:
+	rm -rf .pytest_cache build *.egg-info
+	find $(CACHE_DIR) -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

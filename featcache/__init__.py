@@ -1,0 +1,41 @@
+"""featcache: run a frozen backbone once, cache its features, train heads from the cache.
+
+Public API (imported lazily so that ``import featcache`` does not import TensorFlow)::
+
+    featcache.extract(FeatureSettings(...))          # stage 1: features -> HDF5 cache
+    featcache.train_head(FeatureSettings(...), HeadConfig(...))   # stage 2: head from the cache
+    featcache.finetune(...)                          # stage 3: backbone + head, end to end
+    featcache.create_backbone(name, weights, input_size)
+    featcache.list_backbones(); featcache.load_dataset(source)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "extract": "featcache.extract",
+    "ExtractOptions": "featcache.extract",
+    "FeatureSettings": "featcache.settings",
+    "create_backbone": "featcache.backbones",
+    "list_backbones": "featcache.backbones",
+    "get_spec": "featcache.backbones",
+    "load_dataset": "featcache.datasets",
+    "validation_split": "featcache.datasets",
+    "load_features": "featcache.cache",
+    "train_head": "featcache.heads",
+    "HeadConfig": "featcache.heads",
+    "finetune": "featcache.finetune",
+    "FinetuneConfig": "featcache.finetune",
+    "FeatcacheError": "featcache.errors",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'featcache' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+"""``python -m featcache``."""
+
+from featcache.cli import main
+
+main()

@@ -1,0 +1,464 @@
+"""The HDF5 feature store: keys, atomic files, resumable parts, checks.
+
+One file per key. A key covers everything that changes the numbers in it
+(backbone, weights identity, input size, preprocessing, pooling, dtype,
+dataset fingerprint, split, view). A file appears under its final name only
+once complete; while extraction runs, finished chunks sit as small files in
+a ``<name>.parts/`` folder, so a killed run resumes from the last chunk.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import numpy as np
+
+from .errors import FeatcacheError
+
+SCHEMA_VERSION = 1
+ARRAYS = ("features", "labels", "indices")
+KEY_FIELDS = ("backbone", "weights", "size", "preprocess", "pooling", "dtype", "dataset", "split", "view")
+_HASH_BLOCK_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    """The identity of one cached array; ``digest`` is its short key."""
+
+    backbone: str
+    weights: str
+    size: int
+    preprocess: str
+    pooling: str
+    dtype: str
+    dataset: str
+    split: str
+    view: str = "orig"
+
+    @property
+    def digest(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    @property
+    def filename(self) -> str:
+        return f"{self.backbone}-{self.size}-{self.split}-{self.view}-{self.digest}.h5"
+
+    @classmethod
+    def from_attrs(cls, attrs) -> "FeatureKey":
+        values = {}
+        for f in fields(cls):
+            value = attrs[f.name]
+            values[f.name] = int(value) if f.name == "size" else str(value)
+        return cls(**values)
+
+
+@dataclass
+class FeatureSet:
+    """Rows of one cache file, in memory: ``features[i]`` is image ``indices[i]`` of the split."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    class_names: list[str]
+    key: FeatureKey
+    path: Path
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        return int(self.features.shape[1])
+
+
+def _rebuild_hint(path: Path, attrs: Optional[dict] = None) -> str:
+    if attrs and "make_command" in attrs:
+        return f"`featcache cache rm {path}` then `{attrs['make_command']}`"
+    return f"`featcache cache rm {path}` then the `make features` call that created it"
+
+
+# --- writing -------------------------------------------------------------------
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _disk_error(exc: OSError, path: Path, what: str) -> FeatcacheError:
+    if exc.errno == errno.ENOSPC:
+        reason = "the disk is full"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        reason = "permission denied"
+    elif exc.errno == errno.EROFS:
+        reason = "the file system is read-only"
+    else:
+        reason = f"{exc.strerror or exc}"
+    return FeatcacheError(f"Cannot write {what} {path}: {reason}.")
+
+
+class HDF5Writer:
+    """Builds one cache file under a temporary name and renames it when complete.
+
+    Rows arrive in order through ``append``; checksums are computed on the
+    way, so closing costs no second read.
+    """
+
+    def __init__(self, path: Path, n_rows: int, width: int, dtype: str):
+        import h5py
+
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.n_rows, self.width, self.dtype = n_rows, width, dtype
+        self.rows = 0
+        self._hashes = {name: hashlib.sha256() for name in ARRAYS}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = h5py.File(self.tmp, "w")
+            chunk_rows = max(1, min(n_rows, (1 << 20) // max(1, width * np.dtype(dtype).itemsize)))
+            self._file.create_dataset("features", (n_rows, width), dtype=dtype, chunks=(chunk_rows, width))
+            self._file.create_dataset("labels", (n_rows,), dtype="int64")
+            self._file.create_dataset("indices", (n_rows,), dtype="int64")
+        except OSError as exc:
+            self._discard()
+            raise _disk_error(exc, self.path, "cache file") from None
+
+    def append(self, features: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
+        n = features.shape[0]
+        if self.rows + n > self.n_rows:
+            raise FeatcacheError(f"{self.path}: more rows than the {self.n_rows} announced.")
+        arrays = {"features": np.ascontiguousarray(features, dtype=self.dtype),
+                  "labels": np.ascontiguousarray(labels, dtype=np.int64),
+                  "indices": np.ascontiguousarray(indices, dtype=np.int64)}
+        try:
+            for name, array in arrays.items():
+                self._file[name][self.rows:self.rows + n] = array
+                self._hashes[name].update(memoryview(array).cast("B"))
+        except OSError as exc:
+            self.abort()
+            raise _disk_error(exc, self.path, "cache file") from None
+        self.rows += n
+
+    def commit(self, attrs: dict) -> Path:
+        if self.rows != self.n_rows:
+            self.abort()
+            raise FeatcacheError(f"{self.path}: wrote {self.rows} of {self.n_rows} rows; not committed.")
+        try:
+            for name, value in attrs.items():
+                self._file.attrs[name] = value if isinstance(value, (int, float, np.integer)) else str(value)
+            self._file.attrs["checksums"] = json.dumps({k: h.hexdigest() for k, h in self._hashes.items()})
+            self._file.attrs["schema_version"] = SCHEMA_VERSION
+            self._file.attrs["n_rows"] = self.n_rows
+            self._file.attrs["width"] = self.width
+            self._file.attrs["complete"] = 1
+            self._file.flush()
+            self._file.close()
+            with open(self.tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self.tmp, self.path)
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            self.abort()
+            raise _disk_error(exc, self.path, "cache file") from None
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        except Exception:
+            pass
+        self._discard()
+
+    def _discard(self) -> None:
+        try:
+            self.tmp.unlink()
+        except OSError:
+            pass
+
+
+def write_features(path: Union[str, Path], features: np.ndarray, labels: np.ndarray, indices: np.ndarray,
+                   key: FeatureKey, class_names: list[str], extra_attrs: Optional[dict] = None) -> Path:
+    """Write a complete cache file in one go (merges, tests, imports)."""
+    features = np.asarray(features)
+    writer = HDF5Writer(Path(path), features.shape[0], features.shape[1], key.dtype)
+    for start in range(0, features.shape[0], _HASH_BLOCK_ROWS):
+        stop = start + _HASH_BLOCK_ROWS
+        writer.append(features[start:stop], labels[start:stop], indices[start:stop])
+    return writer.commit(base_attrs(key, class_names, extra_attrs))
+
+
+def base_attrs(key: FeatureKey, class_names: list[str], extra: Optional[dict] = None) -> dict:
+    """The attributes every cache file carries besides its checksums."""
+    import h5py
+    import keras
+
+    try:
+        import tensorflow as tf
+
+        tf_version = tf.__version__
+    except ImportError:  # pragma: no cover
+        tf_version = "absent"
+    from . import __version__
+
+    attrs = dict(asdict(key))
+    attrs.update({
+        "key": key.digest,
+        "class_names": json.dumps(list(class_names)),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": json.dumps({"featcache": __version__, "tensorflow": tf_version, "keras": keras.__version__,
+                                "h5py": h5py.__version__, "numpy": np.__version__}),
+    })
+    attrs.update(extra or {})
+    return attrs
+
+
+# --- resumable parts -------------------------------------------------------------
+
+class PartStore:
+    """Finished chunks of an extraction in progress, one ``.npz`` file each.
+
+    Each chunk file is written under a temporary name and renamed, so after
+    a crash every chunk file present is whole; ``meta.json`` pins the
+    settings a resumed run must match for the result to be bit-identical.
+    """
+
+    def __init__(self, final_path: Path, meta: dict):
+        self.dir = final_path.with_name(final_path.name + ".parts")
+        self.meta = meta
+
+    def open(self) -> int:
+        """Create or reopen the folder; the number of whole chunks already done."""
+        meta_path = self.dir / "meta.json"
+        try:
+            if meta_path.exists():
+                try:
+                    old = json.loads(meta_path.read_text())
+                except ValueError:
+                    old = None
+                if old != self.meta:
+                    shutil.rmtree(self.dir)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if not meta_path.exists():
+                _atomic_write_bytes(meta_path, json.dumps(self.meta, sort_keys=True).encode())
+        except OSError as exc:
+            raise _disk_error(exc, self.dir, "extraction folder") from None
+        done = 0
+        while (self.dir / self._name(done)).exists():
+            done += 1
+        return done
+
+    @staticmethod
+    def _name(i: int) -> str:
+        return f"chunk-{i:06d}.npz"
+
+    def save(self, i: int, features: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
+        import io
+
+        buffer = io.BytesIO()
+        np.savez(buffer, features=features, labels=labels, indices=indices)
+        try:
+            _atomic_write_bytes(self.dir / self._name(i), buffer.getvalue())
+        except OSError as exc:
+            raise FeatcacheError(
+                f"{_disk_error(exc, self.dir / self._name(i), 'chunk')} "
+                f"Chunks already written are kept; rerun the same command to resume.") from None
+
+    def load(self, i: int) -> dict:
+        with np.load(self.dir / self._name(i), allow_pickle=False) as data:
+            return {k: data[k] for k in ARRAYS}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def lock_for(path: Path):
+    """The inter-process lock guarding one key (a ``filelock.FileLock``)."""
+    from filelock import FileLock
+
+    return FileLock(str(path.with_name(path.name + ".lock")))
+
+
+# --- reading and checking -------------------------------------------------------
+
+def read_attrs(path: Union[str, Path]) -> dict:
+    """A cache file's attributes; a file that is not a featcache cache is an error naming it."""
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise FeatcacheError(f"Cache file {path} does not exist.")
+    try:
+        with h5py.File(path, "r") as fh:
+            attrs = {k: _plain(v) for k, v in fh.attrs.items()}
+    except OSError as exc:
+        raise FeatcacheError(
+            f"Cache file {path} is not a readable HDF5 file ({str(exc).splitlines()[0]}); "
+            f"rebuild it: {_rebuild_hint(path)}.") from None
+    if "schema_version" not in attrs or "key" not in attrs:
+        raise FeatcacheError(f"{path} is an HDF5 file but not a featcache cache (no schema_version/key attributes).")
+    return attrs
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def check(path: Union[str, Path], full: bool = True) -> dict:
+    """Check a cache file; returns its attributes or raises naming the file and the fix.
+
+    The cheap part (schema, completeness, shapes, row counts) always runs;
+    ``full`` also recomputes the checksums of every array.
+    """
+    import h5py
+
+    path = Path(path)
+    attrs = read_attrs(path)
+    hint = _rebuild_hint(path, attrs)
+    version = int(attrs["schema_version"])
+    if version > SCHEMA_VERSION:
+        raise FeatcacheError(
+            f"{path} was written with cache schema {version}, newer than this featcache's "
+            f"{SCHEMA_VERSION}; upgrade featcache or rebuild: {hint}.")
+    if int(attrs.get("complete", 0)) != 1:
+        raise FeatcacheError(f"{path} is incomplete; rebuild it: {hint}.")
+    n, width = int(attrs["n_rows"]), int(attrs["width"])
+    try:
+        with h5py.File(path, "r") as fh:
+            missing = [a for a in ARRAYS if a not in fh]
+            if missing:
+                raise FeatcacheError(f"{path} lacks dataset(s) {', '.join(missing)}; rebuild it: {hint}.")
+            shapes = {a: fh[a].shape for a in ARRAYS}
+            if shapes["features"] != (n, width) or shapes["labels"] != (n,) or shapes["indices"] != (n,):
+                raise FeatcacheError(
+                    f"{path} has shapes {shapes} but records {n} rows of width {width}; rebuild it: {hint}.")
+            if full:
+                expected = json.loads(attrs["checksums"])
+                for name in ARRAYS:
+                    digest = hashlib.sha256()
+                    dset = fh[name]
+                    for start in range(0, n, _HASH_BLOCK_ROWS):
+                        block = np.ascontiguousarray(dset[start:start + _HASH_BLOCK_ROWS])
+                        digest.update(memoryview(block).cast("B"))
+                    if digest.hexdigest() != expected.get(name):
+                        raise FeatcacheError(f"{path}: checksum of '{name}' does not match; "
+                                             f"the file is corrupt. Rebuild it: {hint}.")
+    except OSError as exc:
+        raise FeatcacheError(f"{path} cannot be read ({str(exc).splitlines()[0]}); rebuild it: {hint}.") from None
+    return attrs
+
+
+def load_features(path: Union[str, Path], verify: bool = True) -> FeatureSet:
+    """A checked cache file in memory; NaN or infinite features are an error."""
+    import h5py
+
+    path = Path(path)
+    attrs = check(path, full=verify)
+    try:
+        with h5py.File(path, "r") as fh:
+            features = fh["features"][...]
+            labels = fh["labels"][...]
+            indices = fh["indices"][...]
+    except OSError as exc:
+        raise FeatcacheError(f"{path} cannot be read ({str(exc).splitlines()[0]}); "
+                             f"rebuild it: {_rebuild_hint(path, attrs)}.") from None
+    if not np.all(np.isfinite(features)):
+        bad = int(np.count_nonzero(~np.isfinite(features).all(axis=1)))
+        raise FeatcacheError(f"{path} holds NaN or infinite features in {bad} row(s); "
+                             f"rebuild it (try --dtype float32): {_rebuild_hint(path, attrs)}.")
+    return FeatureSet(features, labels, indices, json.loads(attrs["class_names"]),
+                      FeatureKey.from_attrs(attrs), path, attrs)
+
+
+def list_caches(cache_dir: Union[str, Path]) -> list[dict]:
+    """Attributes (plus ``path`` and ``bytes``) of every cache file in ``cache_dir``; unreadable files included as errors."""
+    cache_dir = Path(cache_dir)
+    rows = []
+    if not cache_dir.is_dir():
+        return rows
+    for path in sorted(cache_dir.glob("*.h5")):
+        try:
+            attrs = read_attrs(path)
+        except FeatcacheError as exc:
+            attrs = {"error": str(exc)}
+        attrs["path"] = str(path)
+        attrs["bytes"] = path.stat().st_size
+        rows.append(attrs)
+    return rows
+
+
+def resolve(cache_dir: Union[str, Path], key_or_path: str) -> Path:
+    """A cache file from its path, file name or key digest."""
+    candidate = Path(key_or_path)
+    if candidate.exists():
+        return candidate
+    cache_dir = Path(cache_dir)
+    if (cache_dir / key_or_path).exists():
+        return cache_dir / key_or_path
+    matches = sorted(cache_dir.glob(f"*-{key_or_path}*.h5")) if cache_dir.is_dir() else []
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise FeatcacheError(f"Key {key_or_path!r} matches {len(matches)} files in {cache_dir}; give more of it.")
+    raise FeatcacheError(f"No cache file or key {key_or_path!r} in {cache_dir} (see `featcache cache ls`).")
+
+
+def find(cache_dir: Union[str, Path], match: dict) -> list[Path]:
+    """Complete cache files whose attributes equal every item of ``match``."""
+    found = []
+    for attrs in list_caches(cache_dir):
+        if "error" in attrs:
+            continue
+        if all(str(attrs.get(k)) == str(v) for k, v in match.items()):
+            found.append(Path(attrs["path"]))
+    return found
+
+
+def remove(path: Path) -> list[Path]:
+    """Delete a cache file with its leftovers (parts folder, lock, temporaries)."""
+    removed = []
+    for extra in [path, path.with_name(path.name + ".lock")]:
+        if extra.exists():
+            extra.unlink()
+            removed.append(extra)
+    parts = path.with_name(path.name + ".parts")
+    if parts.exists():
+        shutil.rmtree(parts)
+        removed.append(parts)
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        tmp.unlink()
+        removed.append(tmp)
+    return removed

@@ -1,0 +1,15 @@
+"""The typer application object; command modules attach to it."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="featcache",
+    help="Cache frozen-backbone features once; train classifier heads from the cache in seconds.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+cache_app = typer.Typer(help="List, inspect, verify and remove cache files.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")

@@ -1,0 +1,389 @@
+"""Load a dataset, carve a validation split, fingerprint its contents.
+
+A dataset is a set of named splits (``train``, ``test``). A split holds its
+images either in memory (``cifar10``, ``.npz``, ``digits``) or as a list of
+files decoded later inside the ``tf.data`` graph (image folders), so large
+image folders are never held in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from .errors import FeatcacheError, InvalidArgument
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+SPLITS = ("train", "test")
+BUILTIN = ("cifar10", "digits")
+
+
+@dataclass
+class Split:
+    """One split's labels and pixels (``images``) or image files (``paths``)."""
+
+    name: str
+    labels: np.ndarray
+    fingerprint: str
+    images: Optional[np.ndarray] = None
+    paths: Optional[list[str]] = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class Dataset:
+    """Splits plus class names; ``source`` is what the user passed as DATA."""
+
+    source: str
+    class_names: list[str]
+    splits: dict[str, Split]
+    skipped: list[str] = field(default_factory=list)
+    ignored_files: int = 0
+
+    def __getitem__(self, split: str) -> Split:
+        if split not in self.splits:
+            raise InvalidArgument(f"Unknown split {split!r}; expected one of: {', '.join(self.splits)}.")
+        return self.splits[split]
+
+
+def load_dataset(source: Union[str, os.PathLike], cache_dir: Union[str, os.PathLike] = "cache",
+                 skip_corrupt: bool = False) -> Dataset:
+    """``cifar10``, ``digits``, an image folder, a ``.tar.gz`` of one, or an ``.npz`` file.
+
+    Corrupt image files stop the load with the file's path unless
+    ``skip_corrupt`` is set; then they are left out and listed in
+    ``Dataset.skipped`` (and later in the cache's metadata).
+    """
+    text = str(source)
+    if text == "cifar10":
+        return _load_cifar10()
+    if text == "digits":
+        return _load_digits()
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise FeatcacheError(
+            f"Dataset {text!r} not found: expected 'cifar10', 'digits', an image folder "
+            "(train/<class>/*, test/<class>/*), a .tar.gz of one, or an .npz file."
+        )
+    if path.is_dir():
+        return _load_folder(path, Path(cache_dir), skip_corrupt, source=text)
+    if path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        return _load_folder(_extract_archive(path, Path(cache_dir)), Path(cache_dir), skip_corrupt, source=text)
+    if path.suffix == ".npz":
+        return _load_npz(path)
+    raise InvalidArgument(
+        f"Unsupported dataset file {text!r}; expected a folder, a .tar.gz/.tgz/.tar archive or an .npz file."
+    )
+
+
+def validation_split(labels: np.ndarray, fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded (train, val) row indices into ``labels``, both sorted."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < fraction < 1.0:
+        raise InvalidArgument(f"Validation fraction must be in (0, 1); received {fraction}.")
+    labels = np.asarray(labels)
+    rows = np.arange(labels.shape[0])
+    n_classes = np.unique(labels).size
+    n_val = int(round(fraction * rows.size))
+    if n_val < n_classes or rows.size - n_val < n_classes:
+        raise InvalidArgument(
+            f"A validation fraction of {fraction} of {rows.size} rows cannot hold every one of "
+            f"{n_classes} classes in both parts; use more data or another fraction."
+        )
+    counts = np.bincount(labels)
+    if counts[counts > 0].min() < 2:
+        raise FeatcacheError("A class has a single training image; a stratified validation split needs two.")
+    train, val = train_test_split(rows, test_size=n_val, random_state=seed, stratify=labels)
+    return np.sort(train), np.sort(val)
+
+
+def stratified_subset(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` sorted row indices with the class mix of ``labels`` (for short runs)."""
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels)
+    if n >= labels.shape[0]:
+        return np.arange(labels.shape[0])
+    rows, _ = train_test_split(np.arange(labels.shape[0]), train_size=n, random_state=seed, stratify=labels)
+    return np.sort(rows)
+
+
+# --- fingerprints -----------------------------------------------------------
+
+def _hash_arrays(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()[:16]
+
+
+def _hash_files(paths: list[str], labels: np.ndarray, root: Path) -> str:
+    digest = hashlib.sha256()
+    for path, label in zip(paths, labels):
+        digest.update(f"{Path(path).relative_to(root).as_posix()}\0{int(label)}\0".encode())
+        with open(path, "rb") as fh:
+            digest.update(hashlib.sha256(fh.read()).digest())
+    return digest.hexdigest()[:16]
+
+
+# --- built-in datasets ---------------------------------------------------------
+
+def _split(name: str, images: np.ndarray, labels: np.ndarray) -> Split:
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    return Split(name=name, images=images, labels=labels, fingerprint=_hash_arrays(images, labels))
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _load_cifar10() -> Dataset:
+    import keras
+
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+    except Exception as exc:
+        raise FeatcacheError(
+            "Could not load cifar10 through keras.datasets (it downloads "
+            "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into ~/.keras/datasets): "
+            f"{type(exc).__name__}. Offline, use a local copy instead, e.g. "
+            "DATA=../shared/data/cifar10-jpeg.tar.gz, an image folder or an .npz file."
+        ) from None
+    return Dataset("cifar10", list(CIFAR10_CLASSES), {"train": _split("train", x_train, y_train),
+                                                     "test": _split("test", x_test, y_test)})
+
+
+def _load_digits() -> Dataset:
+    """scikit-learn's 8x8 digits as RGB uint8, a fixed stratified 80/20 split: a real dataset offline."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    images = np.repeat(images[..., None], 3, axis=-1)
+    labels = bunch.target.astype(np.int64)
+    train, test = train_test_split(np.arange(labels.size), test_size=0.2, random_state=0, stratify=labels)
+    train, test = np.sort(train), np.sort(test)
+    names = [str(d) for d in range(10)]
+    return Dataset("digits", names, {"train": _split("train", images[train], labels[train]),
+                                     "test": _split("test", images[test], labels[test])})
+
+
+def _load_npz(path: Path) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise FeatcacheError(f"Cannot read {path} as an .npz file: {type(exc).__name__}: {exc}") from None
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
+    if missing:
+        raise FeatcacheError(f"{path} lacks array(s) {', '.join(missing)}; expected x_train, y_train, x_test, y_test.")
+    splits = {}
+    n_classes = None
+    if "class_names" in arrays:
+        class_names = [str(c) for c in arrays["class_names"].tolist()]
+        n_classes = len(class_names)
+    label_max = 0
+    for name in SPLITS:
+        x, y = arrays[f"x_{name}"], arrays[f"y_{name}"]
+        y = np.asarray(y).reshape(-1) if np.asarray(y).ndim == 2 and np.asarray(y).shape[1] == 1 else np.asarray(y)
+        if y.ndim != 1:
+            raise FeatcacheError(f"{path}: y_{name} has shape {y.shape}; expected one integer label per image.")
+        if x.shape[0] != y.shape[0]:
+            raise FeatcacheError(f"{path}: x_{name} has {x.shape[0]} images but y_{name} has {y.shape[0]} labels.")
+        if x.shape[0] == 0:
+            raise FeatcacheError(f"{path}: x_{name} holds no images.")
+        if not np.issubdtype(y.dtype, np.integer):
+            if not np.all(np.isfinite(y)) or not np.all(np.equal(np.mod(y, 1), 0)):
+                raise FeatcacheError(f"{path}: y_{name} holds non-integer labels.")
+        if y.min() < 0:
+            raise FeatcacheError(f"{path}: y_{name} holds a negative label ({int(y.min())}).")
+        if n_classes is not None and y.max() >= n_classes:
+            raise FeatcacheError(
+                f"{path}: y_{name} holds label {int(y.max())}, out of range for {n_classes} class_names.")
+        label_max = max(label_max, int(y.max()))
+        splits[name] = _split(name, _as_rgb_uint8(x, f"{path}: x_{name}"), y)
+    if n_classes is None:
+        class_names = [str(i) for i in range(label_max + 1)]
+    return Dataset(str(path), class_names, splits)
+
+
+def _as_rgb_uint8(x: np.ndarray, what: str) -> np.ndarray:
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
+        raise FeatcacheError(f"{what} has shape {x.shape}; expected (N, H, W), (N, H, W, 1), (N, H, W, 3) or (N, H, W, 4).")
+    if x.dtype != np.uint8:
+        if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)) or x.min() < 0 or x.max() > 255:
+            raise FeatcacheError(f"{what} must hold pixel values in [0, 255] (uint8 or float); it does not.")
+        x = np.rint(x).astype(np.uint8)
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    elif x.shape[-1] == 4:
+        x = np.ascontiguousarray(x[..., :3])
+    return x
+
+
+# --- image folders ----------------------------------------------------------------
+
+def _extract_archive(archive: Path, cache_dir: Path) -> Path:
+    """Extract once into ``cache_dir/datasets/<name>-<hash>``; a marker file says it finished."""
+    stat = archive.stat()
+    tag = hashlib.sha256(f"{archive.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    stem = archive.name.split(".")[0]
+    target = cache_dir / "datasets" / f"{stem}-{tag}"
+    marker = target / ".featcache-extracted"
+    if marker.exists():
+        return _folder_root(target)
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if marker.exists():
+            return _folder_root(target)
+        tmp = target.with_name(target.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FeatcacheError(f"Cannot extract {archive}: {type(exc).__name__}: {exc}") from None
+        (tmp / ".featcache-extracted").write_text(str(archive.resolve()))
+        os.replace(tmp, target)
+    return _folder_root(target)
+
+
+def _folder_root(path: Path) -> Path:
+    """The folder holding train/ and test/, possibly one level down in an archive."""
+    if (path / "train").is_dir():
+        return path
+    subdirs = [p for p in path.iterdir() if p.is_dir()]
+    if len(subdirs) == 1 and (subdirs[0] / "train").is_dir():
+        return subdirs[0]
+    raise FeatcacheError(f"{path} holds no train/ folder; expected train/<class>/* and test/<class>/*.")
+
+
+def _scan_cache_path(root: Path, cache_dir: Path) -> Path:
+    tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+    return cache_dir / "datasets" / f"scan-{tag}.json"
+
+
+def _listing(root: Path) -> tuple[dict[str, list[tuple[str, int]]], int, list[str]]:
+    """Per split, sorted (path, class) pairs; plus non-image file count and class names."""
+    train_dir, test_dir = root / "train", root / "test"
+    for d in (train_dir, test_dir):
+        if not d.is_dir():
+            raise FeatcacheError(f"{root} has no {d.name}/ folder; expected train/<class>/* and test/<class>/*.")
+    class_names = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_names:
+        raise FeatcacheError(f"{train_dir} holds no class folders.")
+    test_classes = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    extra = sorted(set(test_classes) - set(class_names))
+    if extra:
+        raise FeatcacheError(
+            f"Class folder(s) {', '.join(extra)} exist in {test_dir} but not in {train_dir}; "
+            "a head cannot learn a class it never sees in training.")
+    ignored = 0
+    listing = {}
+    for split, d in (("train", train_dir), ("test", test_dir)):
+        items = []
+        for label, name in enumerate(class_names):
+            cdir = d / name
+            if not cdir.is_dir():
+                continue
+            files = sorted(p for p in cdir.iterdir() if p.is_file() and not p.name.startswith("."))
+            images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+            ignored += len(files) - len(images)
+            if not images:
+                raise FeatcacheError(f"Class folder {cdir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+            items.extend((str(p), label) for p in images)
+        listing[split] = items
+    return listing, ignored, class_names
+
+
+def _check_image(path: str) -> Optional[str]:
+    """None when the file decodes fully; otherwise why it does not."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.size[0] < 1 or img.size[1] < 1:
+                return "empty image"
+    except Exception as exc:  # PIL raises many types for bad files
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _load_folder(root: Path, cache_dir: Path, skip_corrupt: bool, source: str) -> Dataset:
+    """Image folder, checked and fingerprinted once; the result is cached by file sizes and times."""
+    listing, ignored, class_names = _listing(root)
+    signature = hashlib.sha256()
+    for split in SPLITS:
+        for path, label in listing[split]:
+            st = os.stat(path)
+            signature.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    signature = signature.hexdigest()
+    scan_path = _scan_cache_path(root, cache_dir)
+    scan = None
+    if scan_path.exists():
+        try:
+            scan = json.loads(scan_path.read_text())
+            if scan.get("signature") != signature:
+                scan = None
+        except (OSError, ValueError):
+            scan = None
+    if scan is None:
+        scan = {"signature": signature, "bad": {}, "fingerprints": {}}
+        for split in SPLITS:
+            for path, _ in listing[split]:
+                problem = _check_image(path)
+                if problem is not None:
+                    scan["bad"][path] = problem
+        for split in SPLITS:
+            good = [(p, l) for p, l in listing[split] if p not in scan["bad"]]
+            scan["fingerprints"][split] = _hash_files([p for p, _ in good],
+                                                      np.array([l for _, l in good], dtype=np.int64), root)
+        _write_json_atomic(scan_path, scan)
+    bad = scan["bad"]
+    if bad and not skip_corrupt:
+        path, problem = next(iter(sorted(bad.items())))
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise FeatcacheError(f"Unreadable image {path}: {problem}{more}; fix or remove it, or pass --skip-corrupt.")
+    splits = {}
+    for split in SPLITS:
+        good = [(p, l) for p, l in listing[split] if p not in bad]
+        if not good:
+            raise FeatcacheError(f"{root / split} holds no readable images.")
+        labels = np.array([l for _, l in good], dtype=np.int64)
+        splits[split] = Split(split, labels=labels, paths=[p for p, _ in good],
+                              fingerprint=scan["fingerprints"][split])
+    present = np.unique(splits["train"].labels)
+    if present.size != len(class_names):
+        missing = sorted(set(range(len(class_names))) - set(present.tolist()))
+        raise FeatcacheError(f"Class(es) {', '.join(class_names[i] for i in missing)} have no readable training images.")
+    return Dataset(source, class_names, splits, skipped=sorted(bad), ignored_files=ignored)
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)

@@ -1,0 +1,65 @@
+"""Find the cache files that a ``FeatureSettings`` names, without building a backbone.
+
+``head`` and ``finetune`` select caches with the same settings as
+``features``. Matching is by recorded attributes (backbone, weights
+identity, size, pooling, dtype, data source, split, view), so a head run
+neither loads the dataset nor the backbone; only when several datasets
+were cached under one source name is the dataset fingerprinted to choose.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .backbones import get_spec, resolve_size, weights_identity
+from .cache import FeatureSet, find, load_features
+from .errors import FeatcacheError
+from .settings import FeatureSettings
+
+
+def data_source_id(data: str) -> str:
+    """How a cache records its data source: built-in names as is, paths made absolute."""
+    if data in ("cifar10", "digits"):
+        return data
+    return str(Path(data).expanduser().resolve())
+
+
+def match_attrs(settings: FeatureSettings, backbone: str, split: str, view: str) -> dict:
+    spec = get_spec(backbone)
+    return {
+        "backbone": spec.name,
+        "weights": weights_identity(settings.weights),
+        "size": resolve_size(spec, settings.size),
+        "pooling": settings.pooling,
+        "dtype": settings.dtype,
+        "data_source": data_source_id(settings.data),
+        "split": split,
+        "view": view,
+    }
+
+
+def locate(settings: FeatureSettings, backbone: str, split: str, view: str = "orig") -> Path:
+    """The one cache file for these settings; a clear error naming the ``make features`` call otherwise."""
+    wanted = match_attrs(settings, backbone, split, view)
+    paths = find(settings.cache_dir, wanted)
+    if not paths:
+        one = FeatureSettings(**{**settings.__dict__, "backbone": backbone})
+        raise FeatcacheError(
+            f"No {split} features cached for {backbone} (size {wanted['size']}, weights {settings.weights}, "
+            f"data {settings.data}, view {view}) in {settings.cache_dir}; create them with: {one.make_command()}")
+    if len(paths) == 1:
+        return paths[0]
+    from .datasets import load_dataset
+
+    fingerprint = load_dataset(settings.data, settings.cache_dir, settings.skip_corrupt)[split].fingerprint
+    current = find(settings.cache_dir, {**wanted, "dataset": fingerprint})
+    if len(current) != 1:
+        raise FeatcacheError(f"{len(paths)} caches match {backbone}/{split}/{view} but none holds the current "
+                             f"contents of {settings.data}; rerun `{settings.make_command()}`.")
+    return current[0]
+
+
+def load_split(settings: FeatureSettings, backbone: str, split: str, view: str = "orig",
+               verify: bool = True) -> FeatureSet:
+    """Locate and load (with checks) one cached split."""
+    return load_features(locate(settings, backbone, split, view), verify=verify)

@@ -1,0 +1,84 @@
+"""The CLI end to end in subprocesses: exit codes, one-line errors, no cache left behind."""
+
+import subprocess
+import sys
+
+import h5py
+import pytest
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "featcache", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def error_line(result):
+    lines = [l for l in result.stderr.splitlines() if l.startswith("featcache: error:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_help_on_every_command():
+    for args in ([], ["features"], ["backbones"], ["cache"], ["cache", "ls"], ["cache", "verify"]):
+        result = run(*args, "--help")
+        assert result.returncode == 0 and "Usage" in result.stdout, args
+
+
+def test_backbones_table_lists_the_five():
+    out = run("backbones").stdout
+    for name in ("xception", "resnet50", "inceptionv3", "vgg19", "efficientnetv2s"):
+        assert f"\n{name} " in out
+
+
+def test_features_then_warm_reuse_then_cache_commands(image_folder, cache_dir):
+    args = ["features", "-b", "resnet50", "-w", "none", "-d", str(image_folder), "-s", "32",
+            "--cache-dir", str(cache_dir), "--no-progress"]
+    first = run(*args)
+    assert first.returncode == 0, first.stderr
+    files = sorted(cache_dir.glob("*.h5"))
+    assert len(files) == 2
+    with h5py.File(files[0]) as fh:
+        assert fh.attrs["backbone"] == "resnet50" and fh.attrs["size"] == 32
+    again = run(*args)
+    assert again.returncode == 0 and again.stdout.count("reusing cache") == 2 and "built resnet50" not in again.stdout
+    listing = run("cache", "ls", "--cache-dir", str(cache_dir)).stdout
+    key = files[0].stem.split("-")[-1]
+    assert key in listing
+    assert "backbone: resnet50" in run("cache", "info", key, "--cache-dir", str(cache_dir)).stdout
+    assert run("cache", "verify", "--all", "--cache-dir", str(cache_dir)).returncode == 0
+    assert run("cache", "rm", key, "--cache-dir", str(cache_dir)).returncode == 0
+    assert not files[0].exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["-b", "resnet51"], "Unknown backbone 'resnet51'"),
+    (["-b", "xception", "-s", "64"], "below the minimum of xception (71)"),
+    (["-w", "/nonexistent/weights.h5"], "not an existing file"),
+])
+def test_bad_arguments_one_line(image_folder, cache_dir, extra, message):
+    result = run("features", "-b", "resnet50", "-w", "none", "-d", str(image_folder), "-s", "32",
+                 "--cache-dir", str(cache_dir), *extra)
+    assert result.returncode == 1
+    assert message in error_line(result)
+    assert not list(cache_dir.glob("*.h5"))
+
+
+def test_missing_data_path(tmp_path, cache_dir):
+    result = run("features", "-b", "resnet50", "-w", "none", "-d", str(tmp_path / "nothing"),
+                 "--cache-dir", str(cache_dir))
+    assert result.returncode == 1 and "not found" in error_line(result)
+
+
+def test_unreadable_image_names_the_file(image_folder, cache_dir):
+    (image_folder / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    result = run("features", "-b", "resnet50", "-w", "none", "-d", str(image_folder), "-s", "32",
+                 "--cache-dir", str(cache_dir))
+    assert result.returncode == 1 and "broken.png" in error_line(result)
+    assert not list(cache_dir.glob("*.h5"))
+
+
+def test_verify_fails_on_foreign_file(cache_dir):
+    (cache_dir / "junk.h5").write_bytes(b"not hdf5")
+    result = run("cache", "verify", "--all", "--cache-dir", str(cache_dir))
+    assert result.returncode == 1 and "FAILED" in result.stdout

@@ -1,0 +1,121 @@
+import tarfile
+
+import numpy as np
+import pytest
+from conftest import CLASSES, make_image_folder, make_npz
+
+from featcache.datasets import load_dataset, stratified_subset, validation_split
+from featcache.errors import FeatcacheError, InvalidArgument
+
+
+def test_image_folder_classes_sorted_and_labels(image_folder, cache_dir):
+    ds = load_dataset(image_folder, cache_dir)
+    assert ds.class_names == sorted(CLASSES)
+    assert len(ds["train"]) == 18 and len(ds["test"]) == 6
+    assert np.bincount(ds["train"].labels).tolist() == [6, 6, 6]
+    assert all(p.endswith((".jpg", ".png")) for p in ds["train"].paths)
+
+
+def test_fingerprint_stable_and_content_sensitive(image_folder, cache_dir):
+    first = load_dataset(image_folder, cache_dir)["train"].fingerprint
+    assert load_dataset(image_folder, cache_dir)["train"].fingerprint == first
+    target = sorted((image_folder / "train" / "cat").iterdir())[0]
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(target)
+    assert load_dataset(image_folder, cache_dir)["train"].fingerprint != first
+
+
+def test_tar_gz_extracted_once(tmp_path, cache_dir):
+    folder = make_image_folder(tmp_path / "src")
+    archive = tmp_path / "tiny.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="tiny")
+    ds = load_dataset(archive, cache_dir)
+    assert len(ds["train"]) == 18
+    extracted = list((cache_dir / "datasets").glob("tiny-*/.featcache-extracted"))
+    assert len(extracted) == 1
+    mtime = extracted[0].stat().st_mtime_ns
+    assert load_dataset(archive, cache_dir)["train"].fingerprint == ds["train"].fingerprint
+    assert extracted[0].stat().st_mtime_ns == mtime
+
+
+def test_non_image_files_ignored_with_count(image_folder, cache_dir):
+    (image_folder / "train" / "cat" / "notes.txt").write_text("hello")
+    ds = load_dataset(image_folder, cache_dir)
+    assert ds.ignored_files == 1 and len(ds["train"]) == 18
+
+
+def test_corrupt_image_stops_with_path_or_is_skipped(image_folder, cache_dir):
+    bad = image_folder / "train" / "dog" / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    with pytest.raises(FeatcacheError, match="bad.jpg"):
+        load_dataset(image_folder, cache_dir)
+    ds = load_dataset(image_folder, cache_dir, skip_corrupt=True)
+    assert ds.skipped == [str(bad)] and len(ds["train"]) == 18
+
+
+def test_empty_class_folder_is_an_error(image_folder, cache_dir):
+    (image_folder / "train" / "zebra").mkdir()
+    with pytest.raises(FeatcacheError, match="zebra.*no images"):
+        load_dataset(image_folder, cache_dir)
+
+
+def test_class_in_test_but_not_train(image_folder, cache_dir):
+    extra = image_folder / "test" / "zebra"
+    extra.mkdir()
+    (image_folder / "test" / "cat" / "000.jpg").rename(extra / "000.jpg")
+    with pytest.raises(FeatcacheError, match="zebra"):
+        load_dataset(image_folder, cache_dir)
+
+
+def test_missing_path(tmp_path, cache_dir):
+    with pytest.raises(FeatcacheError, match="not found"):
+        load_dataset(tmp_path / "nope", cache_dir)
+
+
+def test_npz_loads_and_fingerprints(tmp_path, cache_dir):
+    ds = load_dataset(make_npz(tmp_path / "d.npz"), cache_dir)
+    assert ds["train"].images.shape == (12, 8, 8, 3) and ds.class_names == ["0", "1", "2"]
+    assert len(ds["train"].fingerprint) == 16
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"y_train": np.arange(11) % 3}, "12 images but y_train has 11"),
+    ({"y_test": np.array([0, 1, -1, 0, 1, 2])}, "negative label"),
+    ({"y_test": np.array([0, 1, 5, 0, 1, 2]), "class_names": np.array(["a", "b", "c"])}, "out of range"),
+    ({"x_train": np.zeros((12, 8), np.uint8)}, "shape"),
+])
+def test_npz_bad_input(tmp_path, cache_dir, override, message):
+    with pytest.raises(FeatcacheError, match=message):
+        load_dataset(make_npz(tmp_path / "d.npz", **override), cache_dir)
+
+
+def test_npz_greyscale_becomes_rgb(tmp_path, cache_dir):
+    grey = np.random.default_rng(0).integers(0, 255, (12, 8, 8), dtype=np.uint8)
+    ds = load_dataset(make_npz(tmp_path / "d.npz", x_train=grey), cache_dir)
+    assert ds["train"].images.shape == (12, 8, 8, 3)
+
+
+def test_validation_split_stratified_seeded():
+    labels = np.repeat(np.arange(4), 50)
+    train, val = validation_split(labels, 0.1, seed=3)
+    assert len(val) == 20 and np.bincount(labels[val]).tolist() == [5, 5, 5, 5]
+    assert not set(train) & set(val) and len(train) + len(val) == 200
+    again = validation_split(labels, 0.1, seed=3)
+    assert np.array_equal(again[1], val)
+    assert not np.array_equal(validation_split(labels, 0.1, seed=4)[1], val)
+    with pytest.raises(InvalidArgument):
+        validation_split(labels, 1.5)
+
+
+def test_stratified_subset_keeps_class_mix():
+    labels = np.repeat(np.arange(5), 40)
+    rows = stratified_subset(labels, 50)
+    assert np.bincount(labels[rows]).tolist() == [10] * 5
+
+
+def test_digits_builtin(cache_dir):
+    ds = load_dataset("digits", cache_dir)
+    assert ds["train"].images.dtype == np.uint8 and ds["train"].images.shape[1:] == (8, 8, 3)
+    assert len(ds["train"]) + len(ds["test"]) == 1797 and len(ds.class_names) == 10
