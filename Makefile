@@ -2,6 +2,7 @@
 #   make features BACKBONE=xception
 #   make head HEAD=logreg
 #   make finetune EPOCHS=1
+#   make finetune EPOCHS=1 FINETUNE_ARGS="--max-steps 20 --subset 500 --unfreeze top:20"
 PYTHON ?= python3
 VENV ?= .venv
 FC := $(VENV)/bin/featcache
@@ -41,13 +42,19 @@ sweep:
 	$(FC) head $(FEATURE_ARGS) --sweep $(if $(EPOCHS),--epochs $(EPOCHS))
 
 finetune:
-	$(FC) finetune $(FEATURE_ARGS) $(if $(RUN),--run $(RUN)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH))
+	$(FC) finetune $(FEATURE_ARGS) $(if $(RUN),--run $(RUN)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH)) $(FINETUNE_ARGS)
 
 bench:
-	@echo "make bench: not yet available (benchmark harness is in progress)"; exit 1
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
+# Offline end to end on scikit-learn's digits with EfficientNet-Lite0 ImageNet weights (pip-installed).
+DEMO_ARGS = --backbone efficientnet_lite0 --weights imagenet --data digits --size 128 --cache-dir $(CACHE_DIR)
 demo:
-	@echo "make demo: not yet available (needs the EfficientNet-Lite weights)"; exit 1
+	$(FC) features $(DEMO_ARGS) --no-progress
+	$(FC) head $(DEMO_ARGS) --head logreg
+	$(FC) head $(DEMO_ARGS) --head mlp --epochs 30
+	$(FC) finetune $(DEMO_ARGS) --epochs 1 --max-steps 25 --unfreeze top:20 --no-export
+	$(FC) runs --cache-dir $(CACHE_DIR)
 
 clean:
 	rm -rf .pytest_cache build *.egg-info

@@ -39,6 +39,7 @@ class ExtractOptions:
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     mixed_precision: bool = False
     progress: bool = True
+    strategy: str = "none"
 
 
 def default_batch_size() -> int:
@@ -90,6 +91,9 @@ def validate(settings: FeatureSettings, options: ExtractOptions) -> None:
     from .engines import resolve_engine
 
     resolve_engine(options.engine)
+    from .distribute import check_strategy
+
+    check_strategy(options.strategy, options.engine)
 
 
 def extract(settings: FeatureSettings, options: ExtractOptions = ExtractOptions(),
@@ -108,8 +112,11 @@ def extract(settings: FeatureSettings, options: ExtractOptions = ExtractOptions(
         log(f"skipping {len(dataset.skipped)} unreadable image(s) (--skip-corrupt); first: {dataset.skipped[0]}")
     cache_dir = Path(settings.cache_dir)
     paths = []
+    from .distribute import Distribution
+
+    distribution = Distribution(options.strategy)  # one tf.distribute strategy per call, made on first need
     for backbone in settings.backbones():
-        runner = _Runner(settings, options, backbone, log)
+        runner = _Runner(settings, options, backbone, log, distribution)
         for view in settings.views:
             for split in options.splits:
                 key = feature_key(settings, backbone, dataset, split, view)
@@ -120,14 +127,19 @@ def extract(settings: FeatureSettings, options: ExtractOptions = ExtractOptions(
 class _Runner:
     """Extraction for one backbone; the model is built on first need, at most once."""
 
-    def __init__(self, settings: FeatureSettings, options: ExtractOptions, backbone: str, log):
+    def __init__(self, settings: FeatureSettings, options: ExtractOptions, backbone: str, log, distribution=None):
+        from .distribute import Distribution
+
         self.settings, self.options, self.log = settings, options, log
+        self.distribution = distribution or Distribution(options.strategy)
         self.spec = get_spec(backbone)
         self.size = resolve_size(self.spec, settings.size)
         self._engine = None
         self.batch_size = options.batch_size
 
     def ensure(self, path: Path, key: FeatureKey, dataset: Dataset, split: str) -> Path:
+        if self.distribution.multiworker:  # shards per worker, merged by the chief
+            return self.distribution.ensure(self, path, key, dataset, split)
         if path.exists():
             check(path, full=False)
             self.log(f"reusing cache {path} ({self.spec.name} {split}/{key.view}; backbone not built)")
@@ -155,7 +167,8 @@ class _Runner:
         finally:
             lock.release()
 
-    def engine(self):
+    def engine(self, rows: Optional[int] = None):
+        """The engine, built on first call; ``rows`` (the work at hand) lets 'auto' weigh a conversion."""
         if self._engine is None:
             import tensorflow as tf
 
@@ -170,18 +183,22 @@ class _Runner:
             if self.batch_size is None:
                 self.batch_size = default_batch_size()
             start = time.perf_counter()
-            model = create_backbone(self.spec.name, self.settings.weights, self.size, self.settings.pooling,
-                                    cache_dir=self.settings.cache_dir, dtype_policy=policy)
+            with self.distribution.scope():
+                model = create_backbone(self.spec.name, self.settings.weights, self.size, self.settings.pooling,
+                                        cache_dir=self.settings.cache_dir, dtype_policy=policy)
             artifact_id = f"{self.spec.name}-{self.size}-{self.settings.pooling}-" \
                           f"{weights_identity(self.settings.weights).replace(':', '_')}"
-            self._engine = make_engine(self.options.engine, model, Path(self.settings.cache_dir) / "engines",
-                                       artifact_id, self.batch_size)
+            if self.distribution.active:
+                self._engine = self.distribution.engine(model)
+            else:
+                self._engine = make_engine(self.options.engine, model, Path(self.settings.cache_dir) / "engines",
+                                           artifact_id, self.batch_size, rows=rows)
             self.log(f"built {self.spec.name} at {self.size}px ({self._engine.name} engine, batch "
                      f"{self.batch_size}) in {time.perf_counter() - start:.1f}s")
         return self._engine
 
     def _extract(self, path: Path, key: FeatureKey, dataset: Dataset, split: str) -> Path:
-        engine = self.engine()
+        engine = self.engine(rows=len(dataset[split]))
         data = dataset[split]
         n, batch = len(data), self.batch_size
         chunk_rows = math.ceil(self.options.chunk_rows / batch) * batch

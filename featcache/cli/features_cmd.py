@@ -27,6 +27,8 @@ def features(
     chunk_rows: Annotated[int, typer.Option(help="Rows per resumable chunk.")] = 1024,
     mixed_precision: Annotated[bool, typer.Option("--mixed-precision", help="float16 compute (GPU).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    strategy: Annotated[str, typer.Option(help="'none', 'mirrored' (local GPUs/devices) or 'multiworker' "
+                                               "(one process per worker, TF_CONFIG).")] = "none",
 ) -> None:
     """Run the frozen backbone once over the dataset and cache pooled features (HDF5)."""
     from ..extract import ExtractOptions, extract
@@ -34,7 +36,7 @@ def features(
     settings = feature_settings(backbone, weights, data, size, pooling, dtype, cache_dir, views, skip_corrupt)
     options = ExtractOptions(splits=tuple(s.strip() for s in split.split(",") if s.strip()), batch_size=batch_size,
                              engine=engine, chunk_rows=chunk_rows, mixed_precision=mixed_precision,
-                             progress=progress)
+                             progress=progress, strategy=strategy)
     for path in extract(settings, options, log=typer.echo):
         typer.echo(str(path))
 

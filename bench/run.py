@@ -1,0 +1,324 @@
+"""``make bench``: featcache against the naive path, side by side in one run on one machine.
+
+Writes ``bench/results/<date>-<host>.json`` and ``.md``. Every measurement
+runs in its own subprocess (``bench/children.py``) so that each reports its
+own peak RSS. Figures:
+
+1. Extraction: the write-ups' naive path (Resizing inside a Keras model,
+   ``model.predict(batch_size=32)``) against ``featcache.extract`` with its
+   fastest engine, on the same images, at two dataset sizes per backbone:
+   images/s, ratio, peak RSS, max abs difference of the features, achieved
+   GFLOP/s against a measured numpy float32 matmul peak.
+2. A 20-epoch mlp head on 50,000 x 2,048 float16 features against one
+   end-to-end epoch over 50,000 images (timed on a sample, extrapolated).
+3. A warm ``featcache features`` call on an existing cache.
+
+    .venv/bin/python bench/run.py                       # defaults: ~15-20 min on 2 cores
+    .venv/bin/python bench/run.py --sizes efficientnet_lite0=10000,60000 --sizes resnet50=1000,4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import numpy as np  # noqa: E402
+
+from machine import machine_info, result_stem  # noqa: E402
+
+DEFAULT_SIZES = {"efficientnet_lite0": (1000, 4000), "resnet50": (256, 1024)}
+DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+TARGETS = {"efficientnet_lite0": 2.5, "resnet50": 1.35}
+RSS_TARGET_MB, RSS_TARGET_ROWS, WARM_TARGET_S = 3 * 1024, 60_000, 5.0
+CHILD_TIMEOUT = 3 * 3600
+
+
+def child(kind: str, args: dict, timeout: float = CHILD_TIMEOUT) -> dict:
+    """Run one measurement in a fresh Python; its last stdout line is JSON."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, str(HERE / "children.py"), kind, json.dumps(args)], env=env,
+                         capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if run.returncode != 0:
+        raise RuntimeError(f"bench child {kind} failed ({run.returncode}):\n{run.stderr[-4000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- inputs --------------------------------------------------------------------
+
+def load_images(n: int, source: Path, work: Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
+    """``n`` 32x32 RGB train images: a seeded sample of CIFAR-10 JPEGs when present, else random pixels."""
+    rng = np.random.default_rng(seed)
+    if source.exists():
+        from PIL import Image
+
+        from featcache.datasets import load_dataset
+
+        split = load_dataset(str(source), work / "datasets")["train"]
+        rows = np.sort(rng.choice(len(split), size=min(n, len(split)), replace=False))
+        images = np.stack([np.asarray(Image.open(split.paths[i]).convert("RGB")) for i in rows])
+        return images, split.labels[rows], f"{source.name} (seeded sample of the train split, decoded with PIL)"
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    return images, np.arange(n) % 10, "random uint8 pixels (cifar10-jpeg.tar.gz not found)"
+
+
+def write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    np.savez(path, x_train=images, y_train=labels, x_test=images[:10], y_test=labels[:10])
+    return path
+
+
+def matmul_peak(repeats: int = 5) -> dict:
+    """Best float32 GFLOP/s of numpy's BLAS over a few square sizes (all cores)."""
+    best = {}
+    for n in (1024, 2048, 4096):
+        a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+        b = np.random.default_rng(1).random((n, n), dtype=np.float32)
+        a @ b
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        best[n] = 2 * n ** 3 / min(times) / 1e9
+    return {"gflops": max(best.values()), "by_size": best,
+            "method": f"numpy float32 a @ b, n in 1024/2048/4096, best of {repeats}"}
+
+
+def weights_for(backbone: str, work: Path) -> tuple[str, str]:
+    """ImageNet weights for efficientnet_lite0 when featcache can convert them; random otherwise."""
+    if backbone == "efficientnet_lite0":
+        try:
+            probe = subprocess.run([sys.executable, "-c", (
+                "from featcache.backbones import create_backbone as c; "
+                f"c('efficientnet_lite0', 'imagenet', 224, cache_dir={str(work / 'cache')!r})")],
+                capture_output=True, text=True, timeout=1800, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+            if probe.returncode == 0:
+                return "imagenet", "ImageNet (featcache's converted efficientnet-lite0 checkpoint)"
+            return "none", f"random (ImageNet weights unavailable: {probe.stderr.strip().splitlines()[-1][:200]})"
+        except Exception as exc:  # the port may be missing in this checkout
+            return "none", f"random ({type(exc).__name__})"
+    return "none", "random (seeded)"
+
+
+# --- figures ---------------------------------------------------------------------
+
+def figure_extraction(backbone: str, sizes: tuple, work: Path, source: Path, peak: dict,
+                      engine: str, batch: int) -> dict:
+    weights, weights_note = weights_for(backbone, work)
+    say(f"{backbone}: weights {weights}; counting FLOPs")
+    flops = child("flops", {"backbone": backbone, "size": 224})
+    images, labels, images_note = load_images(max(sizes), source, work)
+    cache_dir = work / "cache"
+    say(f"{backbone}: engine warm-up (converts the engine artefact once, untimed)")
+    warm_npz = write_npz(work / f"{backbone}-warmup.npz", images[:40], labels[:40])
+    # 'auto' does not convert for 40 images: ask for tflite so that the measured runs find the artefact.
+    child("featcache", {"backbone": backbone, "weights": weights, "npz": str(warm_npz), "size": 224,
+                        "cache_dir": str(cache_dir), "engine": "tflite" if engine == "auto" else engine,
+                        "batch_size": batch})
+    rows = []
+    for n in sizes:
+        npz = write_npz(work / f"{backbone}-{n}.npz", images[:n], labels[:n])
+        sample = work / f"{backbone}-{n}-naive.npy"
+        say(f"{backbone}: naive model.predict on {n} images")
+        naive = child("naive", {"backbone": backbone, "weights": weights, "npz": str(npz), "size": 224,
+                                "cache_dir": str(cache_dir), "sample_out": str(sample)})
+        say(f"{backbone}: featcache.extract on {n} images ({naive['images_per_s']:.1f} img/s naive)")
+        fc = child("featcache", {"backbone": backbone, "weights": weights, "npz": str(npz), "size": 224,
+                                 "cache_dir": str(cache_dir), "engine": engine, "batch_size": batch})
+        say(f"{backbone}: {fc['images_per_s']:.1f} img/s featcache ({fc['engine']})")
+        rows.append({"images": n, "naive": naive, "featcache": fc,
+                     "ratio": fc["images_per_s"] / naive["images_per_s"],
+                     "difference": compare(np.load(sample), fc["cache"]),
+                     "gflops_naive": naive["images_per_s"] * flops["flops_per_image"] / 1e9,
+                     "gflops_featcache": fc["images_per_s"] * flops["flops_per_image"] / 1e9})
+        for key in ("gflops_naive", "gflops_featcache"):
+            rows[-1][key.replace("gflops", "peak_fraction")] = rows[-1][key] / peak["gflops"]
+    rss = [r["featcache"]["peak_mb"] for r in rows]
+    slope = (rss[-1] - rss[0]) / (sizes[-1] - sizes[0]) if len(sizes) > 1 else 0.0
+    extrapolated = rss[-1] + slope * (RSS_TARGET_ROWS - sizes[-1])
+    ratio = statistics.median(r["ratio"] for r in rows)
+    return {"backbone": backbone, "size": 224, "weights": weights_note, "images": images_note, "flops": flops,
+            "rows": rows, "ratio_median": ratio, "ratio_target": TARGETS.get(backbone),
+            "featcache_rss_slope_mb_per_1000_images": slope * 1000,
+            "featcache_rss_extrapolated_60000_mb": extrapolated}
+
+
+def compare(naive_sample: np.ndarray, cache_path: str) -> dict:
+    """Max abs difference, and whether every element is within float16 rounding (+1e-4 for the engine)."""
+    from featcache.cache import load_features
+
+    cached = load_features(cache_path).features[: naive_sample.shape[0]].astype(np.float32)
+    diff = np.abs(cached - naive_sample)
+    half_ulp = np.abs(np.spacing(naive_sample.astype(np.float16)).astype(np.float32)) / 2
+    return {"rows_compared": int(naive_sample.shape[0]), "max_abs_diff": float(diff.max()),
+            "max_abs_feature": float(np.abs(naive_sample).max()),
+            "within_float16_rounding": bool(np.all(diff <= half_ulp + 1e-4)),
+            "max_diff_in_float16_half_ulps": float((diff / np.maximum(half_ulp, 1e-12)).max())}
+
+
+def figure_head_vs_end_to_end(work: Path, rows: int, sample_steps: int) -> dict:
+    say("head: 20-epoch mlp on random float16 features")
+    head = child("head", {"rows": rows, "width": 2048, "epochs": 20, "work": str(work / "head")})
+    say("end to end: resnet50 at 224, timed on a sample")
+    e2e = child("e2e", {"backbone": "resnet50", "weights": "none", "size": 224, "steps": sample_steps})
+    epoch = rows / e2e["images_per_s"]
+    out = {"rows": rows, "head": head, "end_to_end": e2e, "end_to_end_epoch_seconds_extrapolated": epoch}
+    if "seconds" in head:
+        out["ratio_one_e2e_epoch_over_20_head_epochs"] = epoch / head["seconds"]
+    return out
+
+
+def figure_warm(work: Path, backbone: str, weights: str, npz: Path, repeats: int) -> dict:
+    command = [str(Path(sys.executable).with_name("featcache")), "features", "--backbone", backbone,
+               "--weights", weights, "--data", str(npz), "--size", "224", "--split", "train",
+               "--cache-dir", str(work / "cache")]
+    if not Path(command[0]).exists():
+        command = [sys.executable, "-m", "featcache"] + command[1:]
+    times, output = [], ""
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        times.append(time.perf_counter() - start)
+        output = run.stdout
+        if run.returncode != 0 or "reusing" not in run.stdout:
+            raise RuntimeError(f"warm call did not reuse the cache:\n{run.stdout}\n{run.stderr[-2000:]}")
+    return {"command": " ".join(command).replace(str(work), "$WORK"), "seconds": times,
+            "median_seconds": statistics.median(times), "target_seconds": WARM_TARGET_S,
+            "output": output.strip().splitlines()[0]}
+
+
+# --- report ---------------------------------------------------------------------
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    peak = result["matmul_peak"]
+    lines = [f"# featcache benchmarks, {m['date']} on {m['host']}", "",
+             f"Command: `{result['command']}`  ",
+             f"Machine: {m['description']}  ",
+             f"Load average at start: {m['load_average_at_start']}; the CPU was shared with other engineers' "
+             "jobs during the run, so absolute figures are pessimistic (ratios come from runs made back to back).  ",
+             f"Float32 matmul peak: {peak['gflops']:.1f} GFLOP/s ({peak['method']}).  ",
+             f"Total wall time: {result['wall_seconds'] / 60:.1f} min.", ""]
+    lines += ["## 1. Extraction: naive `model.predict` vs featcache", "",
+              "Naive: `Input(32x32x3) -> Resizing(224) -> preprocess -> backbone -> pooling`, "
+              "`model.predict(x, batch_size=32)` on a numpy array. featcache: `featcache.extract` on an .npz of the "
+              f"same images (train split), engine `{result['settings']['engine']}`, batch "
+              f"{result['settings']['batch_size']}, float16 cache. images/s exclude model building (both) and the "
+              "one-off engine conversion; one run per dataset size, each in its own process. Peak RSS = the largest of ru_maxrss, VmHWM and VmRSS "
+              "sampled every 50 ms (this VM's proactive reclaim makes the first two undercount).", "",
+              "| backbone @224 | weights | images | naive img/s | featcache img/s | ratio (target) | naive peak RSS | "
+              "featcache peak RSS | max abs diff (within fp16 rounding?) | GFLOP/s naive / featcache (% of peak) |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for fig in result["extraction"]:
+        for row in fig["rows"]:
+            d = row["difference"]
+            lines.append(
+                f"| {fig['backbone']} | {fig['weights'].split(' (')[0]} | {row['images']:,} | "
+                f"{row['naive']['images_per_s']:.1f} | {row['featcache']['images_per_s']:.1f} | "
+                f"**{row['ratio']:.2f}x** (>= {fig['ratio_target']}x) | {row['naive']['peak_mb']:.0f} MB | "
+                f"{row['featcache']['peak_mb']:.0f} MB | {d['max_abs_diff']:.2g} of max {d['max_abs_feature']:.3g} "
+                f"({'yes' if d['within_float16_rounding'] else 'NO'}) | {row['gflops_naive']:.1f} / "
+                f"{row['gflops_featcache']:.1f} ({100 * row['peak_fraction_naive']:.0f}% / "
+                f"{100 * row['peak_fraction_featcache']:.0f}%) |")
+    lines.append("")
+    for fig in result["extraction"]:
+        lines.append(f"- {fig['backbone']}: {fig['flops']['flops_per_image'] / 1e9:.2f} GFLOP per image at 224 "
+                     f"({fig['flops']['method']}); weights: {fig['weights']}; images: {fig['images']}. featcache "
+                     f"peak RSS grows {fig['featcache_rss_slope_mb_per_1000_images']:.1f} MB per 1,000 images "
+                     f"(extrapolated to 60,000 images: {fig['featcache_rss_extrapolated_60000_mb']:.0f} MB; "
+                     f"target <= {RSS_TARGET_MB} MB); median ratio {fig['ratio_median']:.2f}x "
+                     f"(target >= {fig['ratio_target']}x).")
+    lines.append("")
+    fig2 = result["head_vs_end_to_end"]
+    lines += ["## 2. Head from the cache vs end to end", ""]
+    head = fig2["head"]
+    e2e = fig2["end_to_end"]
+    if "skipped" in head:
+        lines.append(f"- mlp head: **skipped**: {head['skipped']}.")
+    else:
+        lines.append(f"- 20-epoch mlp head on {fig2['rows']:,} x 2,048 float16 random features: "
+                     f"{head['seconds']:.1f} s ({head.get('note', 'featcache.heads')}).")
+    lines.append(f"- One end-to-end epoch, {e2e['backbone']} at {e2e['size']} (backbone frozen, Resizing in the "
+                 f"model, mlp head 256-128-64 with dropout 0.5, `train_on_batch` of {e2e['batch_size']}): median step "
+                 f"{e2e['step_seconds_median']:.2f} s over {e2e['sample_images']} images = {e2e['images_per_s']:.1f} "
+                 f"img/s, **extrapolated** to {fig2['rows']:,} images: "
+                 f"{fig2['end_to_end_epoch_seconds_extrapolated'] / 60:.0f} min.")
+    if "ratio_one_e2e_epoch_over_20_head_epochs" in fig2:
+        lines.append(f"- Ratio: one end-to-end epoch takes **{fig2['ratio_one_e2e_epoch_over_20_head_epochs']:.0f}x** "
+                     "as long as 20 head epochs from the cache.")
+    warm = result["warm"]
+    lines += ["", "## 3. Warm cache", "",
+              f"`{warm['command']}` on an existing cache: median **{warm['median_seconds']:.2f} s** over "
+              f"{len(warm['seconds'])} calls (target <= {warm['target_seconds']:.0f} s); it prints "
+              f"\"{warm['output'][:120]}\".", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", action="append", default=[], metavar="BACKBONE=N1,N2",
+                        help=f"dataset sizes per backbone (default {DEFAULT_SIZES})")
+    parser.add_argument("--data", default=str(DATA), help="images: a CIFAR-10 .tar.gz (else random pixels)")
+    parser.add_argument("--engine", default="auto")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--head-rows", type=int, default=50_000)
+    parser.add_argument("--e2e-steps", type=int, default=6)
+    parser.add_argument("--warm-repeats", type=int, default=5)
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    args = parser.parse_args(argv)
+    sizes = dict(DEFAULT_SIZES)
+    for item in args.sizes:
+        name, _, values = item.partition("=")
+        sizes[name] = tuple(int(v) for v in values.split(","))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="featcache-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    for stale in (work / "cache").glob("*.h5"):  # a reused --work keeps converted weights, never features
+        stale.unlink()
+    started = time.perf_counter()
+    command = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = {"command": command.strip(), "machine": machine_info(),
+              "settings": {"engine": args.engine, "batch_size": args.batch_size, "sizes": sizes}}
+    try:
+        say("numpy matmul peak")
+        result["matmul_peak"] = peak = matmul_peak()
+        result["extraction"] = [figure_extraction(name, tuple(n), work, Path(args.data), peak, args.engine,
+                                                  args.batch_size) for name, n in sizes.items()]
+        result["head_vs_end_to_end"] = figure_head_vs_end_to_end(work, args.head_rows, args.e2e_steps)
+        lite = result["extraction"][0]
+        say("warm cache calls")
+        result["warm"] = figure_warm(work, lite["backbone"], "imagenet" if lite["weights"].startswith("ImageNet")
+                                     else "none", work / f"{lite['backbone']}-{lite['rows'][0]['images']}.npz",
+                                     args.warm_repeats)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    result["wall_seconds"] = time.perf_counter() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = str(out / result_stem())
+    Path(stem + ".json.tmp").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    os.replace(stem + ".json.tmp", stem + ".json")
+    Path(stem + ".md").write_text(markdown(result))
+    say(f"wrote {stem}.json and {stem}.md")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

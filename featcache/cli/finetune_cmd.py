@@ -1,0 +1,80 @@
+"""``featcache finetune`` and ``featcache predict``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from .app import app
+from .options import Backbone, CacheDir, Data, Dtype, Pooling, Size, SkipCorrupt, Views, Weights, feature_settings
+
+
+@app.command()
+def finetune(
+    backbone: Backbone = "xception",
+    weights: Weights = "imagenet",
+    data: Data = "cifar10",
+    size: Size = None,
+    pooling: Pooling = "avg",
+    dtype: Dtype = "float16",
+    cache_dir: CacheDir = "cache",
+    views: Views = "orig",
+    skip_corrupt: SkipCorrupt = False,
+    run: Annotated[Optional[str], typer.Option("--run", help="Head run id (or a unique part) to start "
+                                                "from; default: the best head on validation for this cache.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs (default 5).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch (default 32).")] = None,
+    learning_rate: Annotated[float, typer.Option("--lr", "--learning-rate", help="Learning rate.")] = 1e-5,
+    optimizer: Annotated[str, typer.Option(help="'adam', 'rmsprop' or 'sgd' (momentum 0.9).")] = "adam",
+    unfreeze: Annotated[str, typer.Option(help="'all', 'top:N' (the last N backbone layers with weights) or 'from:LAYER'; "
+                                          "BatchNormalization layers always stay frozen.")] = "all",
+    flip: Annotated[bool, typer.Option(help="Random horizontal flips while training.")] = True,
+    translate: Annotated[float, typer.Option(help="Random translation while training, as a fraction of "
+                                             "the image (0 turns it off).")] = 0.1,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Cap on steps per epoch.")] = None,
+    subset: Annotated[Optional[int], typer.Option("--subset", help="Use at most N images (stratified) of "
+                                                  "each of train, validation and test.")] = None,
+    export: Annotated[bool, typer.Option(help="Also export a TensorFlow SavedModel for serving.")] = True,
+    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs.")] = 3,
+    mixed_precision: Annotated[bool, typer.Option("--mixed-precision", help="float16 compute (GPU).")] = False,
+    strategy: Annotated[str, typer.Option(help="'none', 'mirrored' (all local GPUs) or 'multiworker' "
+                                          "(TF_CONFIG).")] = "none",
+    seed: Annotated[int, typer.Option(help="Seed for shuffling and augmentation.")] = 0,
+) -> None:
+    """Fine-tune backbone + head end to end, starting from a head trained on the cache."""
+    from ..finetune import FinetuneConfig, finetune as run_finetune
+
+    settings = feature_settings(backbone, weights, data, size, pooling, dtype, cache_dir, views, skip_corrupt)
+    defaults = FinetuneConfig()
+    config = FinetuneConfig(
+        run=run or None, epochs=epochs or defaults.epochs, batch_size=batch_size or defaults.batch_size,
+        learning_rate=learning_rate, optimizer=optimizer, unfreeze=unfreeze, flip=flip, translate=translate,
+        max_steps=max_steps, subset=subset, export=export, patience=patience, mixed_precision=mixed_precision,
+        strategy=strategy, seed=seed)
+    try:
+        record = run_finetune(settings, config, log=typer.echo)
+    except KeyboardInterrupt:
+        print("featcache: interrupted; rerun the same command to resume from the last finished epoch.",
+              file=sys.stderr)
+        raise typer.Exit(130)
+    if record.get("run_id") is None:  # a non-chief worker of --strategy multiworker: the chief writes the run
+        typer.echo("worker done; the chief writes the run")
+        return
+    typer.echo(f"run {record['run_id']}: val_acc {record['val_acc']:.4f}  test_acc {record['test_acc']:.4f}  "
+               f"({record['seconds']:.0f}s; see `featcache runs`)")
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Argument(help="A fine-tuned model: model.keras in a fine-tune run folder.")],
+    images: Annotated[list[str], typer.Argument(help="Image files (any size; greyscale, RGBA, palette are fine).")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes to show per image.")] = 3,
+) -> None:
+    """Print the top-k classes with probabilities for each image."""
+    from ..predict import predict as run_predict
+
+    for result in run_predict(model, images, top_k=top_k):
+        shown = "  ".join(f"{name} {p:.3f}" for name, p in zip(result.classes, result.probabilities))
+        typer.echo(f"{result.path}: {shown}")

@@ -1,0 +1,110 @@
+"""``predict``: top-k classes for image files of any size and colour mode; one-line errors."""
+
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from featcache.errors import FeatcacheError, InvalidArgument
+from featcache.finetune import FinetuneConfig, Source, build_model
+from featcache.predict import Predictor, load_model, predict, read_image
+
+CLASSES = ["cat", "dog", "frog"]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    """A featcache model as `finetune` saves it (random resnet50 at 32 px, a random head), untrained."""
+    folder = tmp_path_factory.mktemp("predict")
+    source = Source(backbone="resnet50", weights="none", size=32, pooling="avg",
+                    preprocess="caffe:bgr-mean|resize:bilinear", width=2048, class_names=CLASSES)
+    keras.utils.set_random_seed(1)
+    features = keras.Input((2048,))
+    head = keras.Model(features, keras.layers.Dense(3, activation="softmax")(
+        keras.layers.Normalization(mean=0.5, variance=4.0)(features)))
+    model, _ = build_model(source, head, FinetuneConfig(), str(folder))
+    path = folder / "model.keras"
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """PNG and JPEG files of odd sizes: RGB, greyscale, RGBA and palette."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = {
+        "rgb.jpg": Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)),
+        "grey.png": Image.fromarray(rng.integers(0, 255, (91, 20), dtype=np.uint8), "L"),
+        "rgba.png": Image.fromarray(rng.integers(0, 255, (17, 29, 4), dtype=np.uint8), "RGBA"),
+        "palette.png": Image.fromarray(rng.integers(0, 255, (45, 31, 3), dtype=np.uint8)).convert("P"),
+    }
+    for name, image in paths.items():
+        image.save(folder / name)
+    return {name: folder / name for name in paths}
+
+
+def test_top_k_for_any_size_and_mode(model_path, images):
+    predictor = Predictor(model_path)
+    model = predictor.model
+    assert predictor.class_names == CLASSES
+    for path in images.values():
+        result = predictor.top_k(path, 2)
+        assert result.path == str(path) and len(result.classes) == 2 and set(result.classes) <= set(CLASSES)
+        assert result.probabilities[0] >= result.probabilities[1] >= 0.0
+        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)[None]
+        expected = np.asarray(model(pixels, training=False))[0]
+        assert result.classes[0] == CLASSES[int(expected.argmax())]
+        np.testing.assert_allclose(result.probabilities[0], expected.max(), rtol=1e-5, atol=1e-6)
+    grey = read_image(images["grey.png"])
+    assert grey.shape == (91, 20, 3) and np.array_equal(grey[..., 0], grey[..., 2])
+    assert len(predictor.top_k(images["rgb.jpg"], 10).classes) == 3  # capped at the number of classes
+
+
+def test_not_a_featcache_model(tmp_path, images):
+    junk = tmp_path / "junk.keras"
+    junk.write_text("not a model")
+    with pytest.raises(FeatcacheError, match="junk.keras is not a featcache model"):
+        load_model(junk)
+    with pytest.raises(FeatcacheError, match="does not exist"):
+        load_model(tmp_path / "missing.keras")
+    inputs = keras.Input((4,))
+    plain = tmp_path / "plain.keras"
+    keras.Model(inputs, keras.layers.Dense(2)(inputs)).save(plain)
+    with pytest.raises(FeatcacheError, match="a Keras model but not a featcache model"):
+        predict(plain, [images["rgb.jpg"]])
+
+
+def test_unreadable_image(model_path, tmp_path, images):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(FeatcacheError, match="Cannot read image .*broken.png"):
+        predict(model_path, [images["rgb.jpg"], broken])
+    with pytest.raises(FeatcacheError, match="missing.jpg does not exist"):
+        read_image(tmp_path / "missing.jpg")
+    with pytest.raises(InvalidArgument, match="--top-k"):
+        predict(model_path, [images["rgb.jpg"]], top_k=0)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "featcache", "predict", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_prints_top_k_and_one_line_errors(model_path, images, tmp_path):
+    ok = run_cli(model_path, images["rgb.jpg"], images["grey.png"], "--top-k", "2")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    lines = ok.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith(f"{images['grey.png']}: ")
+    assert all(len([w for w in line.split(": ", 1)[1].split() if w in CLASSES]) == 2 for line in lines)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not a jpeg")
+    for args, message in (([model_path, broken], "Cannot read image"),
+                          ([images["rgb.jpg"], images["rgb.jpg"]], "is not a featcache model")):
+        bad = run_cli(*args)
+        errors = [l for l in bad.stderr.splitlines() if l.startswith("featcache: error:")]
+        assert bad.returncode == 1 and len(errors) == 1 and message in errors[0], bad.stderr[-2000:]
+        assert "Traceback" not in bad.stderr
