@@ -82,10 +82,10 @@ def write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
     return path
 
 
-def matmul_peak(repeats: int = 5) -> dict:
-    """Best float32 GFLOP/s of numpy's BLAS over a few square sizes (all cores)."""
+def matmul_peak(repeats: int = 10) -> dict:
+    """Best float32 GFLOP/s of numpy's BLAS over a few square sizes (all cores); best-of resists others' load."""
     best = {}
-    for n in (1024, 2048, 4096):
+    for n in (2048, 4096):
         a = np.random.default_rng(0).random((n, n), dtype=np.float32)
         b = np.random.default_rng(1).random((n, n), dtype=np.float32)
         a @ b
@@ -96,7 +96,7 @@ def matmul_peak(repeats: int = 5) -> dict:
             times.append(time.perf_counter() - start)
         best[n] = 2 * n ** 3 / min(times) / 1e9
     return {"gflops": max(best.values()), "by_size": best,
-            "method": f"numpy float32 a @ b, n in 1024/2048/4096, best of {repeats}"}
+            "method": f"numpy float32 a @ b, n in 2048/4096, best of {repeats}, before and after the run"}
 
 
 def weights_for(backbone: str, work: Path) -> tuple[str, str]:
@@ -131,18 +131,26 @@ def figure_extraction(backbone: str, sizes: tuple, work: Path, source: Path, pea
                         "cache_dir": str(cache_dir), "engine": "tflite" if engine == "auto" else engine,
                         "batch_size": batch})
     rows = []
-    for n in sizes:
+    for i, n in enumerate(sizes):
         npz = write_npz(work / f"{backbone}-{n}.npz", images[:n], labels[:n])
         sample = work / f"{backbone}-{n}-naive.npy"
-        say(f"{backbone}: naive model.predict on {n} images")
-        naive = child("naive", {"backbone": backbone, "weights": weights, "npz": str(npz), "size": 224,
-                                "cache_dir": str(cache_dir), "sample_out": str(sample)})
-        say(f"{backbone}: featcache.extract on {n} images ({naive['images_per_s']:.1f} img/s naive)")
-        fc = child("featcache", {"backbone": backbone, "weights": weights, "npz": str(npz), "size": 224,
-                                 "cache_dir": str(cache_dir), "engine": engine, "batch_size": batch})
-        say(f"{backbone}: {fc['images_per_s']:.1f} img/s featcache ({fc['engine']})")
+        runs = {
+            "naive": lambda: child("naive", {"backbone": backbone, "weights": weights, "npz": str(npz), "size": 224,
+                                             "cache_dir": str(cache_dir), "sample_out": str(sample)}),
+            "featcache": lambda: child("featcache", {"backbone": backbone, "weights": weights, "npz": str(npz),
+                                                     "size": 224, "cache_dir": str(cache_dir), "engine": engine,
+                                                     "batch_size": batch}),
+        }
+        done = {}
+        for name in (("naive", "featcache") if i % 2 == 0 else ("featcache", "naive")):  # ABBA against drift
+            say(f"{backbone}: {name} on {n} images")
+            done[name] = runs[name]()
+            say(f"{backbone}: {name} {done[name]['images_per_s']:.1f} img/s "
+                f"({done[name].get('images_per_s_median_batch', float('nan')):.1f} median batch)")
+        naive, fc = done["naive"], done["featcache"]
         rows.append({"images": n, "naive": naive, "featcache": fc,
                      "ratio": fc["images_per_s"] / naive["images_per_s"],
+                     "ratio_median_batch": fc["images_per_s_median_batch"] / naive["images_per_s_median_batch"],
                      "difference": compare(np.load(sample), fc["cache"]),
                      "gflops_naive": naive["images_per_s"] * flops["flops_per_image"] / 1e9,
                      "gflops_featcache": fc["images_per_s"] * flops["flops_per_image"] / 1e9})
@@ -152,8 +160,9 @@ def figure_extraction(backbone: str, sizes: tuple, work: Path, source: Path, pea
     slope = (rss[-1] - rss[0]) / (sizes[-1] - sizes[0]) if len(sizes) > 1 else 0.0
     extrapolated = rss[-1] + slope * (RSS_TARGET_ROWS - sizes[-1])
     ratio = statistics.median(r["ratio"] for r in rows)
+    ratio_batch = statistics.median(r["ratio_median_batch"] for r in rows)
     return {"backbone": backbone, "size": 224, "weights": weights_note, "images": images_note, "flops": flops,
-            "rows": rows, "ratio_median": ratio, "ratio_target": TARGETS.get(backbone),
+            "rows": rows, "ratio_median": ratio, "ratio_median_batch": ratio_batch, "ratio_target": TARGETS.get(backbone),
             "featcache_rss_slope_mb_per_1000_images": slope * 1000,
             "featcache_rss_extrapolated_60000_mb": extrapolated}
 
@@ -221,6 +230,8 @@ def markdown(result: dict) -> str:
               f"{result['settings']['batch_size']}, float16 cache. images/s exclude model building (both) and the "
               "one-off engine conversion; one run per dataset size, each in its own process. Peak RSS = the largest of ru_maxrss, VmHWM and VmRSS "
               "sampled every 50 ms (this VM's proactive reclaim makes the first two undercount).", "",
+              "img/s is rows / total time (what a user waits); in brackets, from the median time between batch "
+              "completions (robust to other jobs' bursts on the shared CPU). The ratio column gives both.", "",
               "| backbone @224 | weights | images | naive img/s | featcache img/s | ratio (target) | naive peak RSS | "
               "featcache peak RSS | max abs diff (within fp16 rounding?) | GFLOP/s naive / featcache (% of peak) |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -229,8 +240,9 @@ def markdown(result: dict) -> str:
             d = row["difference"]
             lines.append(
                 f"| {fig['backbone']} | {fig['weights'].split(' (')[0]} | {row['images']:,} | "
-                f"{row['naive']['images_per_s']:.1f} | {row['featcache']['images_per_s']:.1f} | "
-                f"**{row['ratio']:.2f}x** (>= {fig['ratio_target']}x) | {row['naive']['peak_mb']:.0f} MB | "
+                f"{row['naive']['images_per_s']:.1f} ({row['naive']['images_per_s_median_batch']:.1f}) | "
+                f"{row['featcache']['images_per_s']:.1f} ({row['featcache']['images_per_s_median_batch']:.1f}) | "
+                f"**{row['ratio']:.2f}x** ({row['ratio_median_batch']:.2f}x) (>= {fig['ratio_target']}x) | {row['naive']['peak_mb']:.0f} MB | "
                 f"{row['featcache']['peak_mb']:.0f} MB | {d['max_abs_diff']:.2g} of max {d['max_abs_feature']:.3g} "
                 f"({'yes' if d['within_float16_rounding'] else 'NO'}) | {row['gflops_naive']:.1f} / "
                 f"{row['gflops_featcache']:.1f} ({100 * row['peak_fraction_naive']:.0f}% / "
@@ -241,8 +253,8 @@ def markdown(result: dict) -> str:
                      f"({fig['flops']['method']}); weights: {fig['weights']}; images: {fig['images']}. featcache "
                      f"peak RSS grows {fig['featcache_rss_slope_mb_per_1000_images']:.1f} MB per 1,000 images "
                      f"(extrapolated to 60,000 images: {fig['featcache_rss_extrapolated_60000_mb']:.0f} MB; "
-                     f"target <= {RSS_TARGET_MB} MB); median ratio {fig['ratio_median']:.2f}x "
-                     f"(target >= {fig['ratio_target']}x).")
+                     f"target <= {RSS_TARGET_MB} MB); median ratio over sizes {fig['ratio_median']:.2f}x "
+                     f"({fig['ratio_median_batch']:.2f}x from batch cadence; target >= {fig['ratio_target']}x).")
     lines.append("")
     fig2 = result["head_vs_end_to_end"]
     lines += ["## 2. Head from the cache vs end to end", ""]
@@ -302,6 +314,14 @@ def main(argv=None) -> int:
         result["head_vs_end_to_end"] = figure_head_vs_end_to_end(work, args.head_rows, args.e2e_steps)
         lite = result["extraction"][0]
         say("warm cache calls")
+        say("numpy matmul peak, again")
+        again = matmul_peak()
+        if again["gflops"] > peak["gflops"]:
+            peak.update(gflops=again["gflops"], by_size=again["by_size"])
+            for fig in result["extraction"]:
+                for row in fig["rows"]:
+                    for side in ("naive", "featcache"):
+                        row[f"peak_fraction_{side}"] = row[f"gflops_{side}"] / peak["gflops"]
         result["warm"] = figure_warm(work, lite["backbone"], "imagenet" if lite["weights"].startswith("ImageNet")
                                      else "none", work / f"{lite['backbone']}-{lite['rows'][0]['images']}.npz",
                                      args.warm_repeats)

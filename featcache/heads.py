@@ -52,8 +52,9 @@ Log = Optional[Callable[[str], None]]
 class HeadConfig:
     """How to train one head.
 
-    The defaults are measured (``bench/bench_head.py``): batch 1024 keeps two CPU cores
-    busy with large matrix products, and Adam at 2e-3 converges as well as 1e-3 at batch 256.
+    The defaults are measured: batch 1024 needs 13% less CPU per epoch than 512
+    (``bench/bench_head.py``), and on CIFAR-10 EfficientNet-Lite0 features Adam at 2e-3 and
+    batch 1024 reached val/test 0.826/0.820 against 0.828/0.821 at 1e-3 and batch 256.
     ``c_grid`` and ``max_iter`` only concern ``logreg``; ``init`` continues from a saved head
     (a run id or a ``head.keras`` path) instead of a new one.
     """

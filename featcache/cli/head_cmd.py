@@ -21,21 +21,21 @@ def head(
     cache_dir: CacheDir = "cache",
     views: Views = "orig",
     skip_corrupt: SkipCorrupt = False,
-    kind: Annotated[Optional[str], typer.Option("--head", "-H", help="'logreg', 'linear' or 'mlp' [default: mlp; "
-                                                "with --sweep: all three].")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Maximum epochs (early stopping on "
-                                                  "validation loss) [default: 30].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Rows per step [default: 1024].")] = None,
+    kind: Annotated[Optional[str], typer.Option("--head", "-H", help="'logreg', 'linear' or 'mlp' (default mlp; "
+                                                "with --sweep all three).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Maximum epochs; early stopping on "
+                                                  "validation loss (default 30).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Rows per step (default 1024).")] = None,
     learning_rate: Annotated[Optional[float], typer.Option("--lr", "--learning-rate", help="Learning rate "
-                                                           "[default: 0.002; with --sweep: 0.001 and 0.003].")] = None,
+                                                           "(default 0.002; with --sweep 0.001 and 0.003).")] = None,
     optimizer: Annotated[str, typer.Option(help="'adam', 'rmsprop' or 'sgd' (momentum 0.9).")] = "adam",
-    dropout: Annotated[Optional[float], typer.Option(help="Dropout after each MLP layer [default: 0.5; "
-                                                     "with --sweep: 0.3 and 0.5].")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout after each MLP layer (default 0.5; "
+                                                     "with --sweep 0.3 and 0.5).")] = None,
     units: Annotated[Optional[str], typer.Option(help="MLP layer widths, e.g. '256,128,64'.")] = None,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of train images held out for "
                                                 "validation (stratified, by image).")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the validation split, initialisation and shuffling.")] = 0,
-    patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience in epochs [default: 5].")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience in epochs (default 5).")] = None,
     init: Annotated[Optional[str], typer.Option("--init", help="Continue training a saved head: a run id or "
                                                 "a head.keras path.")] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Train a small grid over head kind, learning rate and "
