@@ -239,17 +239,23 @@ class PartStore:
     def __init__(self, final_path: Path, meta: dict):
         self.dir = final_path.with_name(final_path.name + ".parts")
         self.meta = meta
+        self.discarded: Optional[dict] = None  # the settings of chunks dropped by ``open``, if any
 
     def open(self) -> int:
-        """Create or reopen the folder; the number of whole chunks already done."""
+        """Create or reopen the folder; the number of whole chunks already done.
+
+        Chunks made with other settings (batch size, engine, chunk size) would not
+        resume bit-identically, so they are dropped and ``discarded`` says so.
+        """
         meta_path = self.dir / "meta.json"
         try:
             if meta_path.exists():
                 try:
                     old = json.loads(meta_path.read_text())
                 except ValueError:
-                    old = None
+                    old = {"meta.json": "unreadable"}
                 if old != self.meta:
+                    self.discarded = {k: v for k, v in old.items() if self.meta.get(k) != v}
                     shutil.rmtree(self.dir)
             self.dir.mkdir(parents=True, exist_ok=True)
             if not meta_path.exists():
@@ -278,8 +284,20 @@ class PartStore:
                 f"Chunks already written are kept; rerun the same command to resume.") from None
 
     def load(self, i: int) -> dict:
-        with np.load(self.dir / self._name(i), allow_pickle=False) as data:
-            return {k: data[k] for k in ARRAYS}
+        path = self.dir / self._name(i)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in ARRAYS}
+        except Exception as exc:  # zipfile, OSError, KeyError, ValueError: all mean a damaged chunk
+            raise FeatcacheError(f"Chunk {path} of an interrupted extraction is unreadable "
+                                 f"({type(exc).__name__}: {exc}); delete {self.dir} and rerun.") from None
+
+    def remove_stale(self, final_path: Path) -> int:
+        """Delete temporary files a killed writer left beside ``final_path``; call under the key's lock."""
+        stale = list(final_path.parent.glob(f".{final_path.name}.*.tmp")) + list(self.dir.glob(".*.tmp"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -21,6 +21,11 @@ import numpy as np
 from .errors import FeatcacheError, InvalidArgument
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# What tf.io.decode_image reads faithfully (None: any mode). It decodes palette BMPs
+# to wrong colours without an error and refuses 1-bit ones, so other readable
+# images are converted once to PNG under the cache folder (measured on TF 2.21).
+_TF_NATIVE = {"JPEG": None, "PNG": None, "GIF": None, "BMP": ("RGB",)}
+_SCAN_VERSION = 2
 SPLITS = ("train", "test")
 BUILTIN = ("cifar10", "digits")
 
@@ -318,24 +323,48 @@ def _listing(root: Path) -> tuple[dict[str, list[tuple[str, int]]], int, list[st
     return listing, ignored, class_names
 
 
-def _check_image(path: str) -> Optional[str]:
-    """None when the file decodes fully; otherwise why it does not."""
+def _check_image(path: str) -> tuple[Optional[str], bool]:
+    """(why the file does not decode fully or None, whether TensorFlow needs a converted copy)."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             img.load()
             if img.size[0] < 1 or img.size[1] < 1:
-                return "empty image"
+                return "empty image", False
+            fmt, mode = img.format, img.mode
     except Exception as exc:  # PIL raises many types for bad files
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        return f"{type(exc).__name__}: {exc}", False
+    native = fmt in _TF_NATIVE and (_TF_NATIVE[fmt] is None or mode in _TF_NATIVE[fmt])
+    return None, not native
+
+
+def _converted_path(path: str, cache_dir: Path) -> Path:
+    """Named by path, size and modification time, so an edited original gets a fresh copy."""
+    st = os.stat(path)
+    tag = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir / "datasets" / "converted" / f"{tag}.png"
+
+
+def _convert_to_png(path: str, target: Path) -> None:
+    """An RGB PNG copy of an image TensorFlow cannot decode faithfully, written atomically."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as img:
+        buffer = io.BytesIO()
+        img.convert("RGB").save(buffer, format="PNG")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, target)
 
 
 def _load_folder(root: Path, cache_dir: Path, skip_corrupt: bool, source: str) -> Dataset:
     """Image folder, checked and fingerprinted once; the result is cached by file sizes and times."""
     listing, ignored, class_names = _listing(root)
-    signature = hashlib.sha256()
+    signature = hashlib.sha256(f"scan v{_SCAN_VERSION}\n".encode())
     for split in SPLITS:
         for path, label in listing[split]:
             st = os.stat(path)
@@ -351,12 +380,14 @@ def _load_folder(root: Path, cache_dir: Path, skip_corrupt: bool, source: str) -
         except (OSError, ValueError):
             scan = None
     if scan is None:
-        scan = {"signature": signature, "bad": {}, "fingerprints": {}}
+        scan = {"signature": signature, "bad": {}, "fingerprints": {}, "convert": []}
         for split in SPLITS:
             for path, _ in listing[split]:
-                problem = _check_image(path)
+                problem, convert = _check_image(path)
                 if problem is not None:
                     scan["bad"][path] = problem
+                elif convert:
+                    scan["convert"].append(path)
         for split in SPLITS:
             good = [(p, l) for p, l in listing[split] if p not in scan["bad"]]
             scan["fingerprints"][split] = _hash_files([p for p, _ in good],
@@ -367,13 +398,22 @@ def _load_folder(root: Path, cache_dir: Path, skip_corrupt: bool, source: str) -
         path, problem = next(iter(sorted(bad.items())))
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise FeatcacheError(f"Unreadable image {path}: {problem}{more}; fix or remove it, or pass --skip-corrupt.")
+    converted = {}
+    try:
+        for path in scan["convert"]:
+            converted[path] = str(_converted_path(path, cache_dir))
+            if not os.path.exists(converted[path]):
+                _convert_to_png(path, Path(converted[path]))
+    except OSError as exc:
+        raise FeatcacheError(f"Cannot write a converted copy of an image under {cache_dir / 'datasets'}: "
+                             f"{exc.strerror or exc}.") from None
     splits = {}
     for split in SPLITS:
         good = [(p, l) for p, l in listing[split] if p not in bad]
         if not good:
             raise FeatcacheError(f"{root / split} holds no readable images.")
         labels = np.array([l for _, l in good], dtype=np.int64)
-        splits[split] = Split(split, labels=labels, paths=[p for p, _ in good],
+        splits[split] = Split(split, labels=labels, paths=[converted.get(p, p) for p, _ in good],
                               fingerprint=scan["fingerprints"][split])
     present = np.unique(splits["train"].labels)
     if present.size != len(class_names):

@@ -206,6 +206,10 @@ class _Runner:
                 "engine": engine.name}
         store = PartStore(path, meta)
         done = store.open()
+        if store.discarded:
+            changed = ", ".join(f"{k} was {v}" for k, v in sorted(store.discarded.items()))
+            self.log(f"starting {path.name} over: the interrupted run's chunks used other settings ({changed})")
+        store.remove_stale(path)
         start = min(done * chunk_rows, n)
         if start:
             self.log(f"resuming {path.name} at row {start}/{n} ({done} chunk(s) already done)")
@@ -218,10 +222,6 @@ class _Runner:
         width = first["features"].shape[1]
         if width != self.spec.width:
             raise FeatcacheError(f"{self.spec.name} produced features of width {width}, expected {self.spec.width}.")
-        writer = HDF5Writer(path, n, width, key.dtype)
-        for i in range(n_chunks):
-            chunk = first if i == 0 else store.load(i)
-            writer.append(chunk["features"], chunk["labels"], chunk["indices"])
         skipped = [p for p in dataset.skipped if f"/{split}/" in p]
         attrs = base_attrs(key, dataset.class_names, {
             "data_source": data_source_id(self.settings.data),
@@ -232,10 +232,22 @@ class _Runner:
             "skipped_files": json.dumps(skipped),
             "ignored_files": dataset.ignored_files,
         })
-        writer.commit(attrs)
+        writer = None
+        try:
+            writer = HDF5Writer(path, n, width, key.dtype)
+            for i in range(n_chunks):
+                chunk = first if i == 0 else store.load(i)
+                writer.append(chunk["features"], chunk["labels"], chunk["indices"])
+            writer.commit(attrs)
+        except FeatcacheError as exc:
+            if writer is not None:
+                writer.abort()
+            raise FeatcacheError(f"{exc} The {n_chunks} extracted chunk(s) stay in {store.dir}; "
+                                 "rerun the same command to finish without extracting again.") from None
         store.remove()
         rate = (n - start) / seconds if seconds > 0 and n > start else float("nan")
-        self.log(f"wrote {path} ({n} rows x {width}, {rate:.1f} img/s)")
+        note = f"; skipped {len(skipped)} unreadable file(s), listed in its skipped_files" if skipped else ""
+        self.log(f"wrote {path} ({n} rows x {width}, {rate:.1f} img/s{note})")
         return path
 
     def _run(self, engine, data: Split, key: FeatureKey, store: PartStore, done: int, start: int,

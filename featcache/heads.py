@@ -242,8 +242,9 @@ def assemble(train: Mapping[str, Sequence[FeatureSet]], test: Mapping[str, Seque
         raise FeatcacheError(f"Class(es) {', '.join(map(repr, missing))} have no training rows in "
                              f"{_describe(train_ref)}; a head cannot learn them. Add images of these classes "
                              f"or remove the class folders, then re-extract.")
-    caches = [{"backbone": p.key.backbone, "split": p.key.split, "view": p.key.view, "key": p.key.digest,
-               "file": p.path.name if p.path else None}
+    caches = [{"backbone": p.key.backbone, "weights": p.key.weights, "size": p.key.size,
+               "preprocess": p.key.preprocess, "pooling": p.key.pooling, "split": p.key.split, "view": p.key.view,
+               "key": p.key.digest, "file": p.path.name if p.path else None}
               for sets in (train, test) for view in views for p in sets[view]]
     return HeadData(
         x_train=np.concatenate([arrays["train"][v][train_rows] for v in views]),
@@ -570,6 +571,33 @@ def fit_logreg(prepared: Prepared, data: HeadData, config: HeadConfig, log: Log 
     return keras_model, {"C": chosen["C"], "grid": grid}
 
 
+IDENTITY_FIELDS = ("backbone", "weights", "size", "preprocess", "pooling")
+
+
+def _identities(caches: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> list[tuple]:
+    found: list[tuple] = []
+    for cache in caches:
+        identity = tuple(cache.get(f) for f in fields)
+        if identity not in found:
+            found.append(identity)
+    return found
+
+
+def check_same_features(run: Run, data: HeadData) -> None:
+    """A head continued on new rows must see the features it was trained on: same backbones, weights,
+    size, preprocessing and pooling (a head of another backbone can have the same width and still be wrong)."""
+    theirs = run.record.get("caches") or []
+    fields = [f for f in IDENTITY_FIELDS if theirs and f in theirs[0]]
+    if not fields:
+        return
+    before, now = _identities(theirs, fields), _identities(data.caches, fields)
+    if before != now:
+        describe = lambda ids: " + ".join("/".join(str(v) for v in i) for i in ids)  # noqa: E731
+        raise FeatcacheError(f"Head {run.run_id} was trained on {describe(before)} features ({'/'.join(fields)}); "
+                             f"this cache holds {describe(now)}. Train a new head on it, or pick a run of the "
+                             "same features (see `featcache runs`).")
+
+
 def fit_head(data: HeadData, config: HeadConfig, prepared: Optional[Prepared] = None, log: Log = None,
              cache_dir: Optional[str] = None) -> HeadResult:
     """Train one head on assembled arrays and score validation and test once (TTA over views).
@@ -586,7 +614,11 @@ def fit_head(data: HeadData, config: HeadConfig, prepared: Optional[Prepared] = 
             run = load_run(cache_dir, config.init)
             path = run.model_path
             extra["init_run"] = run.run_id
+        else:
+            run = read_run(path.parent) if path.is_file() else None
         model = load_head(path, data.width, data.n_classes)
+        if run is not None:
+            check_same_features(run, data)
         layer, _ = _core(model)
         prepared = prepare(data, Standardizer.from_layer(layer))
     else:

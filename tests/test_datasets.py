@@ -119,3 +119,74 @@ def test_digits_builtin(cache_dir):
     ds = load_dataset("digits", cache_dir)
     assert ds["train"].images.dtype == np.uint8 and ds["train"].images.shape[1:] == (8, 8, 3)
     assert len(ds["train"]) + len(ds["test"]) == 1797 and len(ds.class_names) == 10
+
+
+def _odd_images() -> dict:
+    """Files whose mode or format needs care, with the RGB pixels each must decode to."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 255, (17, 23, 3), dtype=np.uint8))
+    deep = rng.integers(0, 65535, (9, 11), dtype=np.uint16)
+    cases = {
+        "grey.png": rgb.convert("L"), "grey_alpha.png": rgb.convert("LA"), "rgba.png": rgb.convert("RGBA"),
+        "palette.png": rgb.convert("P"), "bilevel.png": rgb.convert("1"), "palette.gif": rgb.convert("P"),
+        "cmyk.jpg": rgb.convert("CMYK"), "grey.jpg": rgb.convert("L"), "palette.bmp": rgb.convert("P"),
+        "bilevel.bmp": rgb.convert("1"), "grey.bmp": rgb.convert("L"), "one_pixel.png": Image.new("RGB", (1, 1), (9, 99, 199)),
+        "large.jpg": Image.fromarray(rng.integers(0, 255, (1500, 2100, 3), dtype=np.uint8)),
+        "deep16.png": Image.fromarray(deep),
+    }
+    # 16-bit greyscale keeps its high byte (PIL's own convert clips instead).
+    return cases, np.repeat((deep >> 8).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def test_every_image_mode_decodes_to_the_same_rgb(tmp_path, cache_dir):
+    import tensorflow as tf
+
+    from featcache.preprocessing import decode_file
+
+    root = make_image_folder(tmp_path / "data", n_train=1, n_test=1)
+    from PIL import Image
+
+    cases, deep = _odd_images()
+    expected = {}
+    for name, img in cases.items():
+        img.save(root / "train" / "cat" / name)
+        with Image.open(root / "train" / "cat" / name) as saved:  # as PIL reads the file back
+            expected[name] = deep if name == "deep16.png" else np.asarray(saved.convert("RGB"))
+    ds = load_dataset(root, cache_dir)
+    assert not ds.skipped
+    by_name = {}
+    for path in ds["train"].paths:
+        by_name[path] = decode_file(tf.constant(path)).numpy()
+    originals = sorted(p for p in (root / "train" / "cat").iterdir() if p.name in cases)
+    cat_paths = [p for p, label in zip(ds["train"].paths, ds["train"].labels) if label == 0]
+    assert len(cat_paths) == len(cases) + 1
+    listed = dict(zip(sorted(p for p in (root / "train" / "cat").iterdir()), cat_paths))
+    for original in originals:
+        got = by_name[listed[original]].astype(int)
+        want = expected[original.name].astype(int)
+        assert got.shape == want.shape, original.name
+        tolerance = 8 if original.suffix == ".jpg" else 0  # JPEG decoders (TF, PIL) differ by rounding
+        assert np.abs(got - want).max() <= tolerance, original.name
+    # Palette and bilevel BMPs are the ones TensorFlow misreads; they are read from converted copies.
+    converted = {o.name for o in originals if listed[o] != str(o)}
+    assert converted == {"palette.bmp", "bilevel.bmp", "grey.bmp"} or converted == {"palette.bmp", "bilevel.bmp"}
+
+
+def test_truncated_png_and_jpeg_are_caught_by_the_scan(image_folder, cache_dir):
+    for name in ("001.png", "000.jpg"):
+        path = image_folder / "train" / "frog" / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(FeatcacheError, match=r"Unreadable image .*frog.*\(and 1 more\).*--skip-corrupt"):
+        load_dataset(image_folder, cache_dir)
+    ds = load_dataset(image_folder, cache_dir, skip_corrupt=True)
+    assert len(ds.skipped) == 2 and len(ds["train"]) == 16
+
+
+def test_edited_image_invalidates_the_scan(image_folder, cache_dir):
+    load_dataset(image_folder, cache_dir)
+    path = image_folder / "train" / "cat" / "000.jpg"
+    path.write_bytes(b"not an image any more")
+    with pytest.raises(FeatcacheError, match="000.jpg"):
+        load_dataset(image_folder, cache_dir)

@@ -1,3 +1,5 @@
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -138,3 +140,17 @@ def test_nan_features_stop_extraction_without_a_cache_file(tmp_path, cache_dir, 
     with pytest.raises(FeatcacheError, match="NaN or infinite"):
         extract(settings(make_npz(tmp_path / "d.npz"), cache_dir), QUIET, log=lambda m: None)
     assert not list(cache_dir.glob("*.h5"))
+
+
+def test_skipped_images_are_counted_and_recorded_in_the_cache(image_folder, cache_dir):
+    bad = image_folder / "train" / "dog" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(FeatcacheError, match="broken.png"):
+        extract(settings(image_folder, cache_dir), QUIET, log=lambda m: None)
+    assert not list(cache_dir.glob("*.h5"))
+    messages = []
+    paths = extract(settings(image_folder, cache_dir, skip_corrupt=True), QUIET, log=messages.append)
+    train = next(p for p in paths if "-train-" in p.name)
+    with h5py.File(train) as fh:
+        assert json.loads(fh.attrs["skipped_files"]) == [str(bad)] and fh.attrs["n_rows"] == 18
+    assert any("skipped 1 unreadable file(s)" in m for m in messages), messages

@@ -246,6 +246,14 @@ def test_reused_head_continues_and_must_fit_the_cache_width(cache_dir):
         train_head(narrow, HeadConfig(kind="linear", init=str(first.path / "head.keras")))
 
 
+def test_reused_head_of_another_backbone_is_refused_even_at_the_same_width(cache_dir):
+    first = train_head(make_caches(cache_dir, width=12), HeadConfig(kind="linear", epochs=1, batch_size=64))
+    other = make_caches(cache_dir, backbone=B, width=12)
+    for init in (first.run_id, str(first.path / "head.keras")):
+        with pytest.raises(FeatcacheError, match=f"Head {first.run_id} was trained on {A}/.*this cache holds {B}/"):
+            train_head(other, HeadConfig(kind="linear", epochs=1, init=init))
+
+
 # --- configs, sweep and CLI -----------------------------------------------------------------------
 
 

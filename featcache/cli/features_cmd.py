@@ -21,7 +21,7 @@ def features(
     cache_dir: CacheDir = "cache",
     views: Views = "orig",
     skip_corrupt: SkipCorrupt = False,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch [default: 32 on CPU, 128 on GPU].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch (default 32 on CPU, 128 on GPU).")] = None,
     engine: Annotated[str, typer.Option(help="'auto' (fastest measured here), 'keras' or 'tflite'.")] = "auto",
     split: Annotated[str, typer.Option(help="Comma-separated splits to extract.")] = "train,test",
     chunk_rows: Annotated[int, typer.Option(help="Rows per resumable chunk.")] = 1024,

@@ -12,7 +12,7 @@ Backbone = Annotated[str, typer.Option("--backbone", "-b", help="Backbone name (
                                        "join several with '+' to concatenate features in a head.")]
 Weights = Annotated[str, typer.Option("--weights", "-w", help="'imagenet', 'none' or a Keras weights file path.")]
 Data = Annotated[str, typer.Option("--data", "-d", help="'cifar10', 'digits', an image folder, a .tar.gz of one, or an .npz.")]
-Size = Annotated[Optional[int], typer.Option("--size", "-s", help="Backbone input size in pixels [default: the backbone's own].")]
+Size = Annotated[Optional[int], typer.Option("--size", "-s", help="Backbone input size in pixels (default: the backbone's own).")]
 Pooling = Annotated[str, typer.Option("--pooling", help="Global pooling: 'avg' or 'max'.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Stored feature dtype: 'float16' or 'float32'.")]
 CacheDir = Annotated[str, typer.Option("--cache-dir", help="Folder holding cache files.")]
