@@ -13,6 +13,8 @@ Variants:
   loop-jit   the same epoch function with jit_compile=True (XLA)
   fit        plain model.fit on the float16 arrays at batch 256 (the naive baseline)
   fit-fast   model.fit on standardised float32 arrays, steps_per_execution = steps per epoch
+  floor      only the first layer's forward and weight-gradient matrix products, in the same
+             kind of tf.function loop: the time no mlp of this width can beat here
 
 Measured 2026-11-25 on the project's 2-core VM, shared with other jobs, so wall times move
 with the load average printed on each line; process CPU seconds are the steadier figure.
@@ -21,8 +23,14 @@ with the load average printed on each line; process CPU seconds are the steadier
   fit-fast (batch 1024)  54.4 s at load 2.6 (57 s CPU)
   fit (batch 256)        53.3 s at load 2.1 (80 s CPU); 86 s at load 6
   loop-jit (XLA)         14x slower than loop (5,000 x 1,280, 5 epochs: 52.8 s against 3.8 s)
-The loop is bound by the first layer's two matrix products (~110 GFLOP per epoch), and
-runs at the machine's float32 matmul rate (55-65 GFLOP/s for TensorFlow on both cores).
+The loop is bound by the first layer's two matrix products (~95 GFLOP per epoch of 45,000
+training rows). On an idle machine (load 1.2-1.7, 10:15 the same day):
+  floor (batch 1024)     14.7 s (0.73 s/epoch; TensorFlow's matmul at ~125 GFLOP/s on these
+                         shapes, where numpy's BLAS reaches ~172)
+  loop (batch 1024)      29.6 s, of which ~3 s tracing and ~4 s standardising and scoring
+So the 20 s target for 20 epochs is out of reach with TensorFlow's matmul here: the floor
+plus the fixed costs alone come to ~22 s. The remaining ~0.4 s per epoch is the other
+layers, BatchNormalization, dropout and Adam, dispatched op by op inside the loop.
 On small data it also avoids model.fit's per-epoch overhead: 5,000 x 1,280 took 9-12 s
 against 26-36 s for fit-fast. logreg (4.3 s with one BLAS thread, 24-34 s with two).
 """
@@ -42,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-VARIANTS = ("loop", "loop-jit", "fit", "fit-fast")
+VARIANTS = ("loop", "loop-jit", "fit", "fit-fast", "floor")
 
 
 def synthetic(rows: int, test_rows: int, width: int, classes: int, seed: int = 0):
@@ -62,6 +70,31 @@ def synthetic(rows: int, test_rows: int, width: int, classes: int, seed: int = 0
                           [f"c{i}" for i in range(classes)], key, Path(f"bench-{name}.h5"))
 
     return assemble({"orig": [split("train", rows)]}, {"orig": [split("test", test_rows)]}, 0.1, seed)
+
+
+def first_layer_floor(x: np.ndarray, epochs: int, batch_size: int, units: int) -> tuple[float, int, float]:
+    """Seconds for ``epochs`` passes of x @ W and its weight gradient, nothing else (val_acc: NaN)."""
+    import tensorflow as tf
+
+    n = x.shape[0]
+    steps = -(-n // batch_size)
+    bounds = tf.constant(np.rint(np.linspace(0, n, steps + 1)).astype(np.int32))
+    x = tf.constant(x)
+    weights = tf.Variable(tf.random.normal((x.shape[1], units), stddev=0.01))
+
+    @tf.function
+    def epoch():
+        for step in tf.range(steps):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.matmul(x[bounds[step]:bounds[step + 1]], weights))
+            weights.assign_sub(1e-9 * tape.gradient(loss, weights))
+        return tf.constant(0)
+
+    epoch()  # trace outside the timing
+    start = time.perf_counter()
+    for _ in range(epochs):
+        epoch().numpy()
+    return time.perf_counter() - start, epochs, float("nan")
 
 
 def run_variant(args) -> dict:
@@ -85,6 +118,9 @@ def run_variant(args) -> dict:
         result = heads.fit_head(data, config)
         seconds, epochs = result.seconds, result.epochs_run
         val_acc = float(np.mean(result.val_probs.argmax(1) == data.y_val))
+    elif args.variant == "floor":
+        seconds, epochs, val_acc = first_layer_floor(data.x_train.astype(np.float32), args.epochs,
+                                                     config.batch_size, config.units[0])
     elif args.variant == "loop-jit":
         prepared = heads.prepare(data)
         model = heads.build_head(args.kind, data.width, data.n_classes, prepared.standardizer, config.units,

@@ -13,7 +13,7 @@ own peak RSS. Figures:
    end-to-end epoch over 50,000 images (timed on a sample, extrapolated).
 3. A warm ``featcache features`` call on an existing cache.
 
-    .venv/bin/python bench/run.py                       # defaults: ~15-20 min on 2 cores
+    .venv/bin/python bench/run.py                       # defaults: ~30 min on 2 idle cores
     .venv/bin/python bench/run.py --sizes efficientnet_lite0=10000,60000 --sizes resnet50=1000,4000
 """
 
@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 
 from machine import machine_info, result_stem  # noqa: E402
 
-DEFAULT_SIZES = {"efficientnet_lite0": (1000, 4000), "resnet50": (256, 1024)}
+DEFAULT_SIZES = {"efficientnet_lite0": (2000, 20000), "resnet50": (500, 2000)}
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 TARGETS = {"efficientnet_lite0": 2.5, "resnet50": 1.35}
 RSS_TARGET_MB, RSS_TARGET_ROWS, WARM_TARGET_S = 3 * 1024, 60_000, 5.0
@@ -219,8 +219,9 @@ def markdown(result: dict) -> str:
     lines = [f"# featcache benchmarks, {m['date']} on {m['host']}", "",
              f"Command: `{result['command']}`  ",
              f"Machine: {m['description']}  ",
-             f"Load average at start: {m['load_average_at_start']}; the CPU was shared with other engineers' "
-             "jobs during the run, so absolute figures are pessimistic (ratios come from runs made back to back).  ",
+             f"Load average (1, 5, 15 min) at start: {', '.join(f'{v:.2f}' for v in m['load_average_at_start'])}; "
+             "other jobs may share these VMs' cores, so absolute figures are upper bounds on time (ratios come "
+             "from runs made back to back on the same images).  ",
              f"Float32 matmul peak: {peak['gflops']:.1f} GFLOP/s ({peak['method']}).  ",
              f"Total wall time: {result['wall_seconds'] / 60:.1f} min.", ""]
     lines += ["## 1. Extraction: naive `model.predict` vs featcache", "",

@@ -86,7 +86,8 @@ def _rebuild_hint(path: Path, attrs: Optional[dict] = None) -> str:
 
 # --- writing -------------------------------------------------------------------
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable; best effort where directories cannot be fsynced."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -170,7 +171,7 @@ class HDF5Writer:
             with open(self.tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(self.tmp, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except OSError as exc:
             self.abort()
             raise _disk_error(exc, self.path, "cache file") from None

@@ -153,6 +153,17 @@ def _split(name: str, images: np.ndarray, labels: np.ndarray) -> Split:
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+def _reason(exc: BaseException) -> str:
+    """The innermost message of a chained exception (Keras wraps the URL error in a bare Exception)."""
+    for _ in range(20):  # chains are short; the bound guards against a cycle
+        inner = exc.__cause__ or exc.__context__
+        if inner is None:
+            break
+        exc = inner
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def _load_cifar10() -> Dataset:
     import keras
 
@@ -162,7 +173,7 @@ def _load_cifar10() -> Dataset:
         raise FeatcacheError(
             "Could not load cifar10 through keras.datasets (it downloads "
             "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into ~/.keras/datasets): "
-            f"{type(exc).__name__}. Offline, use a local copy instead, e.g. "
+            f"{_reason(exc)}. Offline, use a local copy instead, e.g. "
             "DATA=../shared/data/cifar10-jpeg.tar.gz, an image folder or an .npz file."
         ) from None
     return Dataset("cifar10", list(CIFAR10_CLASSES), {"train": _split("train", x_train, y_train),

@@ -30,6 +30,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from .cache import fsync_dir
 from .errors import FeatcacheError
 
 RECORD_FORMAT = 1
@@ -114,23 +115,11 @@ def staged_run_dir(final: PathLike) -> Iterator[Path]:
         if final.exists():
             raise FeatcacheError(f"Run folder {final} appeared while this run was being written; not overwriting it.")
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -190,3 +190,17 @@ def test_edited_image_invalidates_the_scan(image_folder, cache_dir):
     path.write_bytes(b"not an image any more")
     with pytest.raises(FeatcacheError, match="000.jpg"):
         load_dataset(image_folder, cache_dir)
+
+
+def test_cifar10_offline_names_the_url_the_reason_and_local_copies(cache_dir, monkeypatch):
+    import keras
+
+    def offline():
+        try:
+            raise OSError("[Errno -2] Name or service not known")
+        except OSError as exc:
+            raise Exception("URL fetch failure") from exc
+
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", offline)
+    with pytest.raises(FeatcacheError, match=r"cs.toronto.edu.*Name or service not known.*cifar10-jpeg.tar.gz"):
+        load_dataset("cifar10", cache_dir)

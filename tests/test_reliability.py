@@ -178,13 +178,19 @@ def test_disk_errors_keep_finished_chunks_and_leave_no_cache_file(small, tmp_pat
     assert_no_debris(cache_dir)
 
 
-def test_resume_with_other_settings_starts_over_and_says_why(small, tmp_path, monkeypatch):
-    data = small[0]
-    cache_dir = tmp_path / "cache"
-    fail_fsync_of(monkeypatch, "chunk-000002", errno.ENOSPC)
+def stop_at_chunk(data: Path, cache_dir: Path, monkeypatch, chunk: int) -> None:
+    """Leave an interrupted extraction with ``chunk`` whole chunks on disk."""
+    fail_fsync_of(monkeypatch, f"chunk-{chunk:06d}", errno.ENOSPC)
     with pytest.raises(FeatcacheError):
         extract(small_settings(data, cache_dir), QUIET, log=lambda m: None)
     monkeypatch.undo()
+    assert chunks(cache_dir) == chunk
+
+
+def test_resume_with_other_settings_starts_over_and_says_why(small, tmp_path, monkeypatch):
+    data = small[0]
+    cache_dir = tmp_path / "cache"
+    stop_at_chunk(data, cache_dir, monkeypatch, 2)
     messages = []
     other = ExtractOptions(**{**QUIET.__dict__, "batch_size": 4})
     extract(small_settings(data, cache_dir), other, log=messages.append)
@@ -206,10 +212,7 @@ def test_killed_assembly_leftovers_are_cleared(small, tmp_path):
 def test_damaged_chunk_is_named_not_used(small, tmp_path, monkeypatch):
     data = small[0]
     cache_dir = tmp_path / "cache"
-    fail_fsync_of(monkeypatch, "chunk-000003", errno.ENOSPC)
-    with pytest.raises(FeatcacheError):
-        extract(small_settings(data, cache_dir), QUIET, log=lambda m: None)
-    monkeypatch.undo()
+    stop_at_chunk(data, cache_dir, monkeypatch, 3)
     (chunk,) = cache_dir.glob("*.parts/chunk-000001.npz")
     chunk.write_bytes(chunk.read_bytes()[:100])
     with pytest.raises(FeatcacheError, match=r"chunk-000001.npz .*unreadable.*delete"):

@@ -12,15 +12,12 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from ..errors import FeatcacheError  # noqa: E402
-from . import cache_cmd, features_cmd  # noqa: E402,F401
+# Importing a command module registers its commands; --help lists them in this order.
+from . import features_cmd  # noqa: E402,F401,I001
+from . import head_cmd  # noqa: E402,F401
+from . import finetune_cmd  # noqa: E402,F401
+from . import cache_cmd  # noqa: E402,F401
 from .app import app  # noqa: E402
-
-for _optional in ("head_cmd", "finetune_cmd", "bench_cmd"):
-    try:
-        __import__(f"{__name__}.{_optional}")
-    except ModuleNotFoundError as _exc:  # a stage not built yet
-        if _optional not in str(_exc):
-            raise
 
 __all__ = ["app", "main"]
 
