@@ -125,8 +125,8 @@ def markdown(result: dict) -> str:
     lines = [f"# Engine levers, {m['date']} on {m['host']}", "",
              f"Command: `{result['command']}`  ", f"Machine: {m['description']}  ",
              f"Forward pass only, random preprocessed batches at {result['size']}px; median images/s over "
-             f"{result['rounds']} interleaved rounds of ~{result['images_per_round']} images; CPU shared with "
-             "other engineers' jobs, so compare within a column.", ""]
+             f"{result['rounds']} interleaved rounds of ~{result['images_per_round']} images; load average at start "
+             f"{m.get('load_average_at_start', '?')}. Other jobs may share the cores, so compare within a column.", ""]
     for backbone, measured in result["backbones"].items():
         rows = measured["variants"]
         base = rows.get("predict b32", {}).get("images_per_s")
