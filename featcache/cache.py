@@ -229,6 +229,10 @@ def base_attrs(key: FeatureKey, class_names: list[str], extra: Optional[dict] = 
 
 # --- resumable parts -------------------------------------------------------------
 
+class DamagedChunk(FeatcacheError):
+    """A chunk of an interrupted extraction could not be read back."""
+
+
 class PartStore:
     """Finished chunks of an extraction in progress, one ``.npz`` file each.
 
@@ -254,9 +258,12 @@ class PartStore:
                 try:
                     old = json.loads(meta_path.read_text())
                 except ValueError:
+                    old = None
+                if not isinstance(old, dict):
                     old = {"meta.json": "unreadable"}
                 if old != self.meta:
-                    self.discarded = {k: v for k, v in old.items() if self.meta.get(k) != v}
+                    self.discarded = {k: old.get(k, "absent") for k in sorted(set(old) | set(self.meta))
+                                      if old.get(k) != self.meta.get(k)}
                     shutil.rmtree(self.dir)
             self.dir.mkdir(parents=True, exist_ok=True)
             if not meta_path.exists():
@@ -285,13 +292,18 @@ class PartStore:
                 f"Chunks already written are kept; rerun the same command to resume.") from None
 
     def load(self, i: int) -> dict:
+        """Chunk ``i``; a damaged one is deleted with every later chunk, so a rerun extracts them again."""
         path = self.dir / self._name(i)
         try:
             with np.load(path, allow_pickle=False) as data:
                 return {k: data[k] for k in ARRAYS}
         except Exception as exc:  # zipfile, OSError, KeyError, ValueError: all mean a damaged chunk
-            raise FeatcacheError(f"Chunk {path} of an interrupted extraction is unreadable "
-                                 f"({type(exc).__name__}: {exc}); delete {self.dir} and rerun.") from None
+            later = sorted(p for p in self.dir.glob("chunk-*.npz") if p.name >= path.name)
+            for chunk in later:
+                chunk.unlink(missing_ok=True)
+            raise DamagedChunk(f"Chunk {path} of an interrupted extraction is unreadable ({type(exc).__name__}: "
+                               f"{exc}); removed it and {len(later) - 1} later chunk(s): rerun the same command "
+                               "to extract them again.") from None
 
     def remove_stale(self, final_path: Path) -> int:
         """Delete temporary files a killed writer left beside ``final_path``; call under the key's lock."""
@@ -467,17 +479,31 @@ def find(cache_dir: Union[str, Path], match: dict) -> list[Path]:
 
 
 def remove(path: Path) -> list[Path]:
-    """Delete a cache file with its leftovers (parts folder, lock, temporaries)."""
-    removed = []
-    for extra in [path, path.with_name(path.name + ".lock")]:
-        if extra.exists():
-            extra.unlink()
-            removed.append(extra)
-    parts = path.with_name(path.name + ".parts")
-    if parts.exists():
-        shutil.rmtree(parts)
-        removed.append(parts)
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        tmp.unlink()
-        removed.append(tmp)
-    return removed
+    """Delete a cache file with its leftovers (parts folder, temporaries), under the key's lock.
+
+    The lock file itself stays: deleting it would let a later process lock a new
+    file while a writer still holds the old one.
+    """
+    from filelock import Timeout
+
+    lock = lock_for(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise FeatcacheError(f"{path.name} is being written by another featcache process; "
+                             "remove it once that run ends.") from None
+    try:
+        removed = []
+        if path.exists():
+            path.unlink()
+            removed.append(path)
+        parts = path.with_name(path.name + ".parts")
+        if parts.exists():
+            shutil.rmtree(parts)
+            removed.append(parts)
+        for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+            tmp.unlink()
+            removed.append(tmp)
+        return removed
+    finally:
+        lock.release()

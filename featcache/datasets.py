@@ -24,8 +24,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # What tf.io.decode_image reads faithfully (None: any mode). It decodes palette BMPs
 # to wrong colours without an error and refuses 1-bit ones, so other readable
 # images are converted once to PNG under the cache folder (measured on TF 2.21).
-_TF_NATIVE = {"JPEG": None, "PNG": None, "GIF": None, "BMP": ("RGB",)}
-_SCAN_VERSION = 2
+_TF_NATIVE = {"JPEG": None, "MPO": None, "PNG": None, "GIF": None, "BMP": ("RGB",)}  # MPO: phone JPEGs
+_SCAN_VERSION = 3
 SPLITS = ("train", "test")
 BUILTIN = ("cifar10", "digits")
 
@@ -156,7 +156,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 def _reason(exc: BaseException) -> str:
     """The innermost message of a chained exception (Keras wraps the URL error in a bare Exception)."""
     for _ in range(20):  # chains are short; the bound guards against a cycle
-        inner = exc.__cause__ or exc.__context__
+        inner = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
         if inner is None:
             break
         exc = inner
@@ -350,26 +350,35 @@ def _check_image(path: str) -> tuple[Optional[str], bool]:
     return None, not native
 
 
-def _converted_path(path: str, cache_dir: Path) -> Path:
-    """Named by path, size and modification time, so an edited original gets a fresh copy."""
-    st = os.stat(path)
-    tag = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir / "datasets" / "converted" / f"{tag}.png"
+def _converted_path(digest: str, cache_dir: Path) -> Path:
+    """Named by the original's content hash, so an edited original never meets a stale copy."""
+    return cache_dir / "datasets" / "converted" / f"{digest[:32]}.png"
 
 
-def _convert_to_png(path: str, target: Path) -> None:
+def _convert_to_png(path: str, digest: str, target: Path) -> None:
     """An RGB PNG copy of an image TensorFlow cannot decode faithfully, written atomically."""
     import io
 
     from PIL import Image
 
-    with Image.open(path) as img:
-        buffer = io.BytesIO()
-        img.convert("RGB").save(buffer, format="PNG")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, target)
+    try:
+        data = Path(path).read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise FeatcacheError(f"{path} changed since it was scanned; run the command again.")
+        with Image.open(io.BytesIO(data)) as img:
+            buffer = io.BytesIO()
+            img.convert("RGB").save(buffer, format="PNG")
+    except FeatcacheError:
+        raise
+    except Exception as exc:  # PIL raises many types for bad files
+        raise FeatcacheError(f"Cannot convert {path} to PNG: {type(exc).__name__}: {exc}") from None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(buffer.getvalue())
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise FeatcacheError(f"Cannot write a converted copy of {path} to {target}: {exc.strerror or exc}.") from None
 
 
 def _load_folder(root: Path, cache_dir: Path, skip_corrupt: bool, source: str) -> Dataset:
@@ -391,14 +400,14 @@ def _load_folder(root: Path, cache_dir: Path, skip_corrupt: bool, source: str) -
         except (OSError, ValueError):
             scan = None
     if scan is None:
-        scan = {"signature": signature, "bad": {}, "fingerprints": {}, "convert": []}
+        scan = {"signature": signature, "bad": {}, "fingerprints": {}, "convert": {}}
         for split in SPLITS:
             for path, _ in listing[split]:
                 problem, convert = _check_image(path)
                 if problem is not None:
                     scan["bad"][path] = problem
                 elif convert:
-                    scan["convert"].append(path)
+                    scan["convert"][path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         for split in SPLITS:
             good = [(p, l) for p, l in listing[split] if p not in scan["bad"]]
             scan["fingerprints"][split] = _hash_files([p for p, _ in good],
@@ -410,14 +419,11 @@ def _load_folder(root: Path, cache_dir: Path, skip_corrupt: bool, source: str) -
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise FeatcacheError(f"Unreadable image {path}: {problem}{more}; fix or remove it, or pass --skip-corrupt.")
     converted = {}
-    try:
-        for path in scan["convert"]:
-            converted[path] = str(_converted_path(path, cache_dir))
-            if not os.path.exists(converted[path]):
-                _convert_to_png(path, Path(converted[path]))
-    except OSError as exc:
-        raise FeatcacheError(f"Cannot write a converted copy of an image under {cache_dir / 'datasets'}: "
-                             f"{exc.strerror or exc}.") from None
+    for path, digest in scan["convert"].items():
+        target = _converted_path(digest, cache_dir.resolve())
+        if not target.exists():
+            _convert_to_png(path, digest, target)
+        converted[path] = str(target)
     splits = {}
     for split in SPLITS:
         good = [(p, l) for p, l in listing[split] if p not in bad]

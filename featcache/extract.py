@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .backbones import POOLINGS, get_spec, preprocess_key, resolve_size, weights_identity
-from .cache import FeatureKey, HDF5Writer, PartStore, base_attrs, check, lock_for
+from .cache import DamagedChunk, FeatureKey, HDF5Writer, PartStore, base_attrs, check, lock_for
 from .datasets import SPLITS, Dataset, Split, load_dataset
 from .errors import FeatcacheError, InvalidArgument, choice_error
 from .lookup import data_source_id
@@ -242,6 +242,8 @@ class _Runner:
         except FeatcacheError as exc:
             if writer is not None:
                 writer.abort()
+            if isinstance(exc, DamagedChunk):
+                raise
             raise FeatcacheError(f"{exc} The {n_chunks} extracted chunk(s) stay in {store.dir}; "
                                  "rerun the same command to finish without extracting again.") from None
         store.remove()

@@ -116,3 +116,14 @@ def test_part_store_resume_and_reset(tmp_path):
     # other settings: old parts are discarded rather than mixed in
     assert PartStore(final, {"key": "k", "n_rows": 11}).open() == 0
     assert json.loads((store.dir / "meta.json").read_text())["n_rows"] == 11
+
+
+def test_remove_refuses_a_key_being_written_and_keeps_the_lock_file(tmp_path):
+    path, _ = _write(tmp_path / KEY.filename)
+    lock = cache.lock_for(path)
+    with lock:
+        with pytest.raises(FeatcacheError, match="being written by another featcache process"):
+            cache.remove(path)
+    assert path.exists()
+    cache.remove(path)
+    assert not path.exists() and path.with_name(path.name + ".lock").exists()

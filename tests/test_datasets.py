@@ -204,3 +204,23 @@ def test_cifar10_offline_names_the_url_the_reason_and_local_copies(cache_dir, mo
     monkeypatch.setattr(keras.datasets.cifar10, "load_data", offline)
     with pytest.raises(FeatcacheError, match=r"cs.toronto.edu.*Name or service not known.*cifar10-jpeg.tar.gz"):
         load_dataset("cifar10", cache_dir)
+
+
+def test_edited_palette_bmp_gets_a_fresh_converted_copy(image_folder, cache_dir):
+    import tensorflow as tf
+    from PIL import Image
+
+    from featcache.preprocessing import decode_file
+
+    path = image_folder / "train" / "cat" / "palette.bmp"
+    seen = []
+    for colour in ((200, 10, 10), (10, 10, 200)):  # same size, same mode: only the pixels change
+        Image.new("RGB", (5, 4), colour).convert("P").save(path)
+        with Image.open(path) as img:
+            want = np.asarray(img.convert("RGB"))
+        ds = load_dataset(image_folder, cache_dir)
+        (read,) = [p for p in ds["train"].paths if p.endswith(".png") and "converted" in p]
+        got = decode_file(tf.constant(read)).numpy()
+        assert np.array_equal(got, want)
+        seen.append(got)
+    assert not np.array_equal(*seen)
