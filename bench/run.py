@@ -13,7 +13,7 @@ own peak RSS. Figures:
    end-to-end epoch over 50,000 images (timed on a sample, extrapolated).
 3. A warm ``featcache features`` call on an existing cache.
 
-    .venv/bin/python bench/run.py                       # defaults: ~30 min on 2 idle cores
+    .venv/bin/python bench/run.py                       # defaults: 21 min on 2 idle cores
     .venv/bin/python bench/run.py --sizes efficientnet_lite0=10000,60000 --sizes resnet50=1000,4000
 """
 
