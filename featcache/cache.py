@@ -492,6 +492,8 @@ def remove(path: Path) -> list[Path]:
     except Timeout:
         raise FeatcacheError(f"{path.name} is being written by another featcache process; "
                              "remove it once that run ends.") from None
+    except OSError as exc:
+        raise _disk_error(exc, path.parent, "lock in") from None
     try:
         removed = []
         if path.exists():
@@ -505,5 +507,7 @@ def remove(path: Path) -> list[Path]:
             tmp.unlink()
             removed.append(tmp)
         return removed
+    except OSError as exc:
+        raise FeatcacheError(f"Cannot remove {path}: {exc.strerror or exc}.") from None
     finally:
         lock.release()

@@ -495,18 +495,11 @@ def recorded_val_acc(run) -> Optional[float]:
 
 def validation_settings(run) -> tuple[float, int]:
     """The validation fraction and seed the head used, so fine-tuning validates on the same rows."""
-    places = [run.settings, run.settings.get("head", {}), run.settings.get("config", {}), run.record]
-    fraction, seed = None, None
-    for place in places:
-        if not isinstance(place, dict):
-            continue
-        for key in ("val_fraction", "validation_fraction", "val_split"):
-            if fraction is None and place.get(key) is not None:
-                fraction = float(place[key])
-        for key in ("val_seed", "seed"):
-            if seed is None and place.get(key) is not None:
-                seed = int(place[key])
-    return (0.1 if fraction is None else fraction), (0 if seed is None else seed)
+    for place in (run.record, run.settings):
+        if isinstance(place, dict) and place.get("val_fraction") is not None and place.get("val_seed") is not None:
+            return float(place["val_fraction"]), int(place["val_seed"])
+    raise FeatcacheError(f"Run {run.run_id} does not record its validation split (val_fraction, val_seed); "
+                         "train a new head with `featcache head` and fine-tune from that one.")
 
 
 # --- the work folder (resumable) and the finished run folder ------------------------------

@@ -94,8 +94,10 @@ def validate_config(config: HeadConfig) -> None:
         raise InvalidArgument(f"MLP units must be positive integers, e.g. (256, 128, 64); received {config.units!r}.")
     if not 0.0 <= config.dropout < 1.0:
         raise InvalidArgument(f"Dropout must be in [0, 1); received {config.dropout}.")
-    if not config.learning_rate > 0:
-        raise InvalidArgument(f"Learning rate must be positive; received {config.learning_rate}.")
+    if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
+        raise InvalidArgument(f"Learning rate must be a positive finite number; received {config.learning_rate}.")
+    if not 0 <= config.seed < 2 ** 32:
+        raise InvalidArgument(f"Seed must be in [0, 2**32); received {config.seed}.")
     for name in ("epochs", "batch_size", "max_iter"):
         if int(getattr(config, name)) < 1:
             raise InvalidArgument(f"{name.replace('_', ' ').capitalize()} must be a positive integer; "
@@ -386,7 +388,8 @@ def load_head(path, width: Optional[int] = None, n_classes: Optional[int] = None
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many types for a bad file
-        raise FeatcacheError(f"Cannot load head {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise FeatcacheError(f"Cannot load head {path}: {type(exc).__name__}: {first}") from None
     check_head(model, width, n_classes, str(path))
     return model
 
@@ -639,6 +642,9 @@ def fit_head(data: HeadData, config: HeadConfig, prepared: Optional[Prepared] = 
     if by_view is None:
         by_view = predict(prepared.x_val)
     test_probs = predict(prepared.x_test).mean(axis=0)
+    if not (np.all(np.isfinite(by_view)) and np.all(np.isfinite(test_probs))):
+        raise FeatcacheError(f"Training the {config.kind} head diverged (NaN or infinite outputs); "
+                             f"lower the learning rate (was {config.learning_rate:g}).")
     return HeadResult(model=model, val_probs=by_view.mean(axis=0), test_probs=test_probs, history=history,
                       seconds=time.perf_counter() - start, epochs_run=epochs_run, best_epoch=best,
                       val_probs_by_view=by_view, extra=extra)

@@ -116,6 +116,9 @@ def staged_run_dir(final: PathLike) -> Iterator[Path]:
             raise FeatcacheError(f"Run folder {final} appeared while this run was being written; not overwriting it.")
         os.rename(tmp, final)
         fsync_dir(final.parent)
+    except OSError as exc:  # a full disk or a permission error while the run is written
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FeatcacheError(f"Cannot write run folder {final}: {exc.strerror or exc}.") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -344,6 +347,8 @@ def list_runs(cache_dir: PathLike, kind: Optional[str] = None) -> list[Run]:
 
 def load_run(cache_dir: PathLike, run: str) -> Run:
     """A run from its folder path, its id, or a unique part of its id."""
+    if not str(run).strip():
+        raise FeatcacheError("An empty run id names no run (see `featcache runs`).")
     candidate = Path(run)
     if candidate.is_file() and candidate.name in MODEL_FILES + (RECORD_FILE,):
         candidate = candidate.parent

@@ -264,6 +264,10 @@ def test_config_errors_name_allowed_and_received():
         validate_config(HeadConfig(optimizer="lbfgs"))
     with pytest.raises(InvalidArgument, match="Dropout"):
         validate_config(HeadConfig(dropout=1.0))
+    with pytest.raises(InvalidArgument, match="positive finite.*inf"):
+        validate_config(HeadConfig(learning_rate=float("inf")))
+    with pytest.raises(InvalidArgument, match=r"Seed must be in \[0, 2\*\*32\); received -1"):
+        validate_config(HeadConfig(seed=-1))
     assert parse_units("256, 128,64") == (256, 128, 64)
     with pytest.raises(InvalidArgument, match="'256,x'"):
         parse_units("256,x")

@@ -49,7 +49,8 @@ def finetune(
     settings = feature_settings(backbone, weights, data, size, pooling, dtype, cache_dir, views, skip_corrupt)
     defaults = FinetuneConfig()
     config = FinetuneConfig(
-        run=run or None, epochs=epochs or defaults.epochs, batch_size=batch_size or defaults.batch_size,
+        run=run, epochs=defaults.epochs if epochs is None else epochs,
+        batch_size=defaults.batch_size if batch_size is None else batch_size,
         learning_rate=learning_rate, optimizer=optimizer, unfreeze=unfreeze, flip=flip, translate=translate,
         max_steps=max_steps, subset=subset, export=export, patience=patience, mixed_precision=mixed_precision,
         strategy=strategy, seed=seed)
