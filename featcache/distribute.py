@@ -149,11 +149,15 @@ class StrategyEngine:
 
         batch = tf.convert_to_tensor(batch, tf.float32)
         n, k = int(batch.shape[0]), self._replicas
-        cuts = [i * n // k for i in range(k + 1)]
+        # Equal slices, padded with copies of the last row: an empty slice (a last batch smaller
+        # than the replica count) crashes oneDNN's fused batch norm, and inference is per row.
+        per = -(-n // k)
+        if per * k > n:
+            batch = tf.concat([batch, tf.repeat(batch[-1:], per * k - n, axis=0)], axis=0)
         values = self._strategy.experimental_distribute_values_from_function(
-            lambda ctx: batch[cuts[ctx.replica_id_in_sync_group % k]:cuts[ctx.replica_id_in_sync_group % k + 1]])
+            lambda ctx: batch[(ctx.replica_id_in_sync_group % k) * per:(ctx.replica_id_in_sync_group % k + 1) * per])
         outputs = self._strategy.experimental_local_results(self._step(values))
-        return np.concatenate([np.asarray(t, dtype=np.float32) for t in outputs])
+        return np.concatenate([np.asarray(t, dtype=np.float32) for t in outputs])[:n]
 
 
 class Distribution:
@@ -257,7 +261,7 @@ def _extract_shard(runner, engine, part: _Part, data: "Split", key: "FeatureKey"
     from .datasets import Split
 
     store = part.store
-    done = store.open()
+    done = runner.open_store(store)  # other workers may be writing beside the final file: leave it alone
     if (store.dir / DONE_FILE).exists():
         return
     start, stop = part.start, part.stop
@@ -276,9 +280,7 @@ def _extract_shard(runner, engine, part: _Part, data: "Split", key: "FeatureKey"
 def _merge(runner, path: Path, key: "FeatureKey", dataset: "Dataset", data: "Split", parts: list,
            engine: str, batch: int, seconds: float) -> None:
     """Every worker's chunks, in rank and chunk order, into the one cache file."""
-    from .cache import HDF5Writer, base_attrs
-    from .lookup import data_source_id
-    from .settings import FeatureSettings
+    from .cache import HDF5Writer
 
     writer = None
     try:
@@ -291,27 +293,12 @@ def _merge(runner, path: Path, key: "FeatureKey", dataset: "Dataset", data: "Spl
             for i in range(int(marker["chunks"])):
                 chunk = store.load(i)
                 if writer is None:
-                    width = chunk["features"].shape[1]
-                    if width != runner.spec.width:
-                        raise FeatcacheError(f"{runner.spec.name} produced features of width {width}, "
-                                             f"expected {runner.spec.width}.")
-                    writer = HDF5Writer(path, len(data), width, key.dtype)
+                    writer = HDF5Writer(path, len(data), runner.check_width(chunk["features"]), key.dtype)
                 writer.append(chunk["features"], chunk["labels"], chunk["indices"] + start)
         if writer is None:
             raise FeatcacheError(f"No rows to merge for {path.name}.")
-        settings = runner.settings
-        skipped = [p for p in dataset.skipped if f"/{data.name}/" in p]
-        writer.commit(base_attrs(key, dataset.class_names, {
-            "data_source": data_source_id(settings.data),
-            "make_command": FeatureSettings(**{**settings.__dict__, "backbone": runner.spec.name}).make_command(),
-            "engine": engine,
-            "batch_size": batch,
-            "strategy": "multiworker",
-            "workers": len(parts),
-            "extract_seconds": round(seconds, 3),
-            "skipped_files": json.dumps(skipped),
-            "ignored_files": dataset.ignored_files,
-        }))
+        writer.commit(runner.cache_attrs(key, dataset, data.name, engine, batch, seconds,
+                                         strategy="multiworker", workers=len(parts)))
     except BaseException:
         if writer is not None:
             writer.abort()
