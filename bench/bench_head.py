@@ -2,37 +2,49 @@
 
     .venv/bin/python bench/bench_head.py                       # mlp, 50,000 x 2,048 float16, 20 epochs
     .venv/bin/python bench/bench_head.py --variant all         # every training path, one process each
+    .venv/bin/python bench/bench_head.py --variant parts       # where an epoch's time goes (6 processes)
     .venv/bin/python bench/bench_head.py --kind logreg --blas-threads 2
 
 Features are class-dependent gaussian blobs stored as float16, split like CIFAR-10
 (``--rows`` train images of which 10% validation, plus ``--test-rows``). Early stopping
 is off (patience = epochs) so every variant runs the same number of epochs.
 
-Variants:
+Variants (whole head training, fixed costs included):
   loop       featcache.heads.fit_head: one tf.function per epoch over in-memory tensors
   loop-jit   the same epoch function with jit_compile=True (XLA)
   fit        plain model.fit on the float16 arrays at batch 256 (the naive baseline)
   fit-fast   model.fit on standardised float32 arrays, steps_per_execution = steps per epoch
-  floor      only the first layer's forward and weight-gradient matrix products, in the same
-             kind of tf.function loop: the time no mlp of this width can beat here
+Parts (``--variant parts`` runs each in its own process): only the training steps, the median
+epoch after an untimed tracing epoch, times the epoch count:
+  floor          the first layer's forward and weight-gradient matrix products, nothing else
+  grads-only     the product mlp's forward and backward; gradients summed, never applied
+  no-bn-dropout  Dense+ReLU layers of the same widths (no BatchNormalization, no dropout), Adam
+  sgd            the product mlp with plain SGD instead of Adam
+  adam           the product mlp and optimizer: the loop's epoch without validation
+  torch          the same mlp and Adam in PyTorch (needs the 'lite' extra)
 
-Measured 2026-11-25 on the project's 2-core VM, shared with other jobs, so wall times move
-with the load average printed on each line; process CPU seconds are the steadier figure.
-50,000 x 2,048, 20 epochs:
-  loop (batch 1024)      28.6 s wall at load 2.2 (50 s CPU); 42-72 s under load 3-5 (50-55 s CPU)
+Measured 2026-11-25 on the project's 2-core VM (AMD EPYC, AVX2, no AVX-512), 50,000 x 2,048,
+20 epochs, batch 1024, ``python bench/bench_head.py --variant parts`` then ``--variant loop``
+(idle machine apart from the benchmark; load average 1.6-2.2 is the benchmark itself):
+  floor          15.9 s   (0.80 s/epoch)
+  grads-only     20.7 s   (1.03)
+  no-bn-dropout  19.9 s   (0.99)
+  sgd            22.1 s   (1.11)
+  adam           23.4 s   (1.17)
+  torch          24.1 s   (1.21)
+  loop           28.3 s   (whole fit_head: + tracing, standardising, per-epoch validation, scoring)
+So the 20 s target for 20 epochs is out of reach for this model here: the first layer's two
+matrix products alone take 15.9 s (94 GFLOP per epoch at ~120 GFLOP/s), and the bare
+training steps of the required mlp take 23.4 s before any validation. PyTorch is no faster
+(24.1 s). A fused Adam kernel (``tf.raw_ops.ResourceApplyAdam``) and zero-copy input tensors
+(dlpack) were tried in throwaway scripts and changed nothing beyond run-to-run noise, so
+neither was kept. Earlier runs of the whole-head variants:
+  fit (batch 256)        53.3 s at load 2.1 (80 s CPU)
   fit-fast (batch 1024)  54.4 s at load 2.6 (57 s CPU)
-  fit (batch 256)        53.3 s at load 2.1 (80 s CPU); 86 s at load 6
   loop-jit (XLA)         14x slower than loop (5,000 x 1,280, 5 epochs: 52.8 s against 3.8 s)
-The loop is bound by the first layer's two matrix products (~95 GFLOP per epoch of 45,000
-training rows). On an idle machine (load 1.2-1.7, 10:15 the same day):
-  floor (batch 1024)     14.7 s (0.73 s/epoch; TensorFlow's matmul at ~125 GFLOP/s on these
-                         shapes, where numpy's BLAS reaches ~172)
-  loop (batch 1024)      29.6 s, of which ~3 s tracing and ~4 s standardising and scoring
-So the 20 s target for 20 epochs is out of reach with TensorFlow's matmul here: the floor
-plus the fixed costs alone come to ~22 s. The remaining ~0.4 s per epoch is the other
-layers, BatchNormalization, dropout and Adam, dispatched op by op inside the loop.
-On small data it also avoids model.fit's per-epoch overhead: 5,000 x 1,280 took 9-12 s
-against 26-36 s for fit-fast. logreg (4.3 s with one BLAS thread, 24-34 s with two).
+  loop (batch 2048)      32.4 s: larger batches do not help
+On small data the loop also avoids model.fit's per-epoch overhead: 5,000 x 1,280 took 9-12 s
+against 26-36 s for fit-fast. logreg: 4.3 s with one BLAS thread, 24-34 s with two.
 """
 
 from __future__ import annotations
@@ -51,6 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 VARIANTS = ("loop", "loop-jit", "fit", "fit-fast", "floor")
+# Where an epoch of the loop goes: each runs only the training steps, timed per epoch after tracing.
+PARTS = ("floor", "grads-only", "no-bn-dropout", "sgd", "adam", "torch")
 
 
 def synthetic(rows: int, test_rows: int, width: int, classes: int, seed: int = 0):
@@ -72,6 +86,17 @@ def synthetic(rows: int, test_rows: int, width: int, classes: int, seed: int = 0
     return assemble({"orig": [split("train", rows)]}, {"orig": [split("test", test_rows)]}, 0.1, seed)
 
 
+def _median_epoch(epoch, epochs: int) -> tuple[float, int, float]:
+    """(median seconds of ``epochs`` timed epochs, scaled to the run's length), after one untimed tracing epoch."""
+    epoch()
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        epoch()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * epochs, epochs, float("nan")
+
+
 def first_layer_floor(x: np.ndarray, epochs: int, batch_size: int, units: int) -> tuple[float, int, float]:
     """Seconds for ``epochs`` passes of x @ W and its weight gradient, nothing else (val_acc: NaN)."""
     import tensorflow as tf
@@ -90,11 +115,89 @@ def first_layer_floor(x: np.ndarray, epochs: int, batch_size: int, units: int) -
             weights.assign_sub(1e-9 * tape.gradient(loss, weights))
         return tf.constant(0)
 
-    epoch()  # trace outside the timing
-    start = time.perf_counter()
-    for _ in range(epochs):
-        epoch().numpy()
-    return time.perf_counter() - start, epochs, float("nan")
+    return _median_epoch(lambda: epoch().numpy(), epochs)
+
+
+def keras_part(part: str, x: np.ndarray, y: np.ndarray, epochs: int, config) -> tuple[float, int, float]:
+    """The loop's training steps (shuffled gathers, forward, backward, update) with one thing changed.
+
+    grads-only: the product mlp, gradients computed and summed but never applied;
+    no-bn-dropout: Dense+ReLU layers of the same widths, Adam; sgd: the product mlp, plain SGD;
+    adam: the product mlp and optimizer, i.e. the loop's epoch without validation.
+    """
+    import keras
+    import tensorflow as tf
+
+    from featcache import heads
+
+    classes = int(y.max()) + 1
+    if part == "no-bn-dropout":
+        inputs = keras.Input((x.shape[1],))
+        h = inputs
+        for units in config.units:
+            h = keras.layers.Dense(units, activation="relu")(h)
+        core = keras.Model(inputs, keras.layers.Dense(classes, activation="softmax")(h))
+    else:
+        identity = heads.Standardizer(np.zeros(x.shape[1]), np.ones(x.shape[1]))
+        _, core = heads._core(heads.build_head("mlp", x.shape[1], classes, identity, config.units, config.dropout))
+    variables = core.trainable_variables
+    optimizer = (keras.optimizers.SGD(config.learning_rate) if part == "sgd"
+                 else heads.make_optimizer("adam", config.learning_rate))
+    optimizer.build(variables)
+    n = x.shape[0]
+    steps = -(-n // config.batch_size)
+    bounds = tf.constant(np.rint(np.linspace(0, n, steps + 1)).astype(np.int32))
+    x, y = tf.constant(x), tf.constant(y.astype(np.int32))
+
+    @tf.function
+    def epoch(order):
+        total = tf.constant(0.0)
+        for step in tf.range(steps):
+            rows = order[bounds[step]:bounds[step + 1]]
+            xb, yb = tf.gather(x, rows), tf.gather(y, rows)
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(yb, core(xb, training=True)))
+            grads = tape.gradient(loss, variables)
+            if part == "grads-only":
+                total += tf.add_n([tf.reduce_sum(g) for g in grads])
+            else:
+                optimizer.apply(grads, variables)
+            total += loss
+        return total
+
+    order = tf.constant(np.random.default_rng(0).permutation(n).astype(np.int32))
+    return _median_epoch(lambda: epoch(order).numpy(), epochs)
+
+
+def torch_part(x: np.ndarray, y: np.ndarray, epochs: int, config) -> tuple[float, int, float]:
+    """The same mlp and Adam in PyTorch (2 threads): would another framework's kernels beat TensorFlow's here?"""
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("torch variant: PyTorch is not installed (pip install -e '.[lite]').") from None
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    layers, width = [], x.shape[1]
+    for units in config.units:  # Keras' BatchNormalization epsilon and momentum
+        layers += [torch.nn.Linear(width, units, bias=False), torch.nn.BatchNorm1d(units, eps=1e-3, momentum=0.01),
+                   torch.nn.ReLU(), torch.nn.Dropout(config.dropout)]
+        width = units
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(width, int(y.max()) + 1))
+    optimizer = torch.optim.Adam(model.parameters(), config.learning_rate, eps=1e-7)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    n = x.shape[0]
+    bounds = np.rint(np.linspace(0, n, -(-n // config.batch_size) + 1)).astype(int)
+
+    def epoch():
+        order = torch.randperm(n)
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            rows = order[start:stop]
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(xs[rows]), ys[rows]).backward()
+            optimizer.step()
+
+    return _median_epoch(epoch, epochs)
 
 
 def run_variant(args) -> dict:
@@ -121,6 +224,11 @@ def run_variant(args) -> dict:
     elif args.variant == "floor":
         seconds, epochs, val_acc = first_layer_floor(data.x_train.astype(np.float32), args.epochs,
                                                      config.batch_size, config.units[0])
+    elif args.variant == "torch":
+        seconds, epochs, val_acc = torch_part(heads.prepare(data).x_train, data.y_train, args.epochs, config)
+    elif args.variant in PARTS:
+        seconds, epochs, val_acc = keras_part(args.variant, heads.prepare(data).x_train, data.y_train, args.epochs,
+                                              config)
     elif args.variant == "loop-jit":
         prepared = heads.prepare(data)
         model = heads.build_head(args.kind, data.width, data.n_classes, prepared.standardizer, config.units,
@@ -163,7 +271,8 @@ def run_variant(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", default="loop", choices=VARIANTS + ("all",))
+    parser.add_argument("--variant", default="loop",
+                        choices=VARIANTS + PARTS[1:] + ("all", "parts"))
     parser.add_argument("--kind", default="mlp", choices=("mlp", "linear", "logreg"))
     parser.add_argument("--rows", type=int, default=50_000, help="train-split rows (10%% become validation)")
     parser.add_argument("--test-rows", type=int, default=10_000)
@@ -175,8 +284,8 @@ def main() -> None:
     parser.add_argument("--blas-threads", type=int, default=1, help="logreg only: BLAS threads")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args()
-    if args.variant == "all":
-        for variant in VARIANTS:
+    if args.variant in ("all", "parts"):
+        for variant in VARIANTS if args.variant == "all" else PARTS:
             options = {"--variant": variant, "--kind": args.kind, "--rows": args.rows, "--test-rows": args.test_rows,
                        "--width": args.width, "--classes": args.classes, "--epochs": args.epochs,
                        "--batch-size": args.batch_size, "--lr": args.lr}
@@ -189,8 +298,9 @@ def main() -> None:
     else:
         steps = (f"{result['epochs']} L-BFGS iterations at most per C" if args.kind == "logreg"
                  else f"{result['epochs']} epochs, batch {result['batch_size']}")
-        print(f"{result['variant']:<10} {result['kind']} {result['rows']}x{result['width']} float16, "
-              f"{steps}: {result['seconds']:.1f} s "
+        timed = " (median epoch x epochs, tracing excluded)" if args.variant in PARTS else ""
+        print(f"{result['variant']:<13} {result['kind']} {result['rows']}x{result['width']} float16, "
+              f"{steps}: {result['seconds']:.1f} s{timed} "
               f"({result['seconds_per_epoch']:.2f} s/epoch, {result['cpu_seconds']:.0f} s CPU) val_acc "
               f"{result['val_acc']:.3f} [load avg {result['load_avg_1min']:.1f}]", flush=True)
 
