@@ -20,6 +20,7 @@ driven by Keras' own callbacks. ``bench/bench_head.py`` measures it against ``mo
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -56,7 +57,8 @@ class HeadConfig:
     (``bench/bench_head.py``), and on CIFAR-10 EfficientNet-Lite0 features Adam at 2e-3 and
     batch 1024 reached val/test 0.826/0.820 against 0.828/0.821 at 1e-3 and batch 256.
     ``c_grid`` and ``max_iter`` only concern ``logreg``; ``init`` continues from a saved head
-    (a run id or a ``head.keras`` path) instead of a new one.
+    (a run id, run folder or ``head.keras`` path) instead of a new one, whose saved
+    architecture then decides the kind the run records.
     """
 
     kind: str = "mlp"
@@ -276,11 +278,10 @@ def check_views(views: Sequence[str]) -> tuple[str, ...]:
 def load_head_data(settings: FeatureSettings, val_fraction: float = 0.1, seed: int = 0,
                    verify: bool = True) -> HeadData:
     """Every cache the settings name (backbones x views x train/test), checked and assembled."""
-    from .lookup import load_split
+    from .lookup import check_settings, load_split
 
+    check_settings(settings)
     backbones = settings.backbones()
-    if not backbones:
-        raise InvalidArgument(f"No backbone named in {settings.backbone!r}; e.g. 'efficientnet_lite0' or 'a+b'.")
     if len(set(backbones)) != len(backbones):
         raise InvalidArgument(f"A backbone is named twice in {settings.backbone!r}.")
     views = check_views(settings.views)
@@ -346,6 +347,13 @@ class Prepared:
     x_val: np.ndarray
     x_test: np.ndarray
 
+    @functools.cached_property
+    def train_tensor(self):
+        """The training rows as one tensor, built once for all the Keras heads of a sweep."""
+        import tensorflow as tf
+
+        return tf.constant(self.x_train)
+
 
 def prepare(data: HeadData, standardizer: Optional[Standardizer] = None) -> Prepared:
     """Standardise every split with statistics of the training rows (or a reused head's)."""
@@ -389,7 +397,7 @@ def load_head(path, width: Optional[int] = None, n_classes: Optional[int] = None
         model = keras.models.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many types for a bad file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise FeatcacheError(f"Cannot load head {path}: {type(exc).__name__}: {first}") from None
+        raise FeatcacheError(f"Cannot load head {path}: {type(exc).__name__}: {first[:200]}") from None
     check_head(model, width, n_classes, str(path))
     return model
 
@@ -484,7 +492,7 @@ def fit_keras(model, prepared: Prepared, data: HeadData, config: HeadConfig, log
     steps = max(1, math.ceil(n / config.batch_size))
     # Equal batches (no straggler of a few rows for BatchNormalization to choke on).
     bounds = tf.constant(np.rint(np.linspace(0, n, steps + 1)).astype(np.int32))
-    x = tf.constant(prepared.x_train)
+    x = prepared.train_tensor
     y = tf.constant(data.y_train.astype(np.int32))
     variables = core.trainable_variables
 
@@ -601,27 +609,49 @@ def check_same_features(run: Run, data: HeadData) -> None:
                              "same features (see `featcache runs`).")
 
 
+@dataclass
+class InitHead:
+    """A saved head to continue training, found before any features load (a bad ``--init`` fails fast)."""
+
+    model: Any
+    run: Optional[Run]
+    kind: str  # 'linear' or 'mlp': the saved architecture decides, whatever kind was asked
+
+
+def resolve_init(init: str, cache_dir: Optional[str] = None) -> InitHead:
+    """The head ``init`` names: a run id (looked up under ``cache_dir``), a run folder or a ``head.keras`` path."""
+    path = Path(init)
+    if path.is_dir():
+        path = path / "head.keras"
+    run = None
+    if not path.exists() and cache_dir is not None and not str(init).endswith(".keras"):
+        run = load_run(cache_dir, init)
+        path = run.model_path
+    elif path.is_file():
+        run = read_run(path.parent)
+    model = load_head(path)
+    _core(model)  # a Keras model without featcache's standardize layer is refused here
+    kind = "mlp" if any(layer.name.startswith("dense_") for layer in model.layers) else "linear"
+    return InitHead(model, run, kind)
+
+
 def fit_head(data: HeadData, config: HeadConfig, prepared: Optional[Prepared] = None, log: Log = None,
-             cache_dir: Optional[str] = None) -> HeadResult:
+             cache_dir: Optional[str] = None, init: Optional[InitHead] = None) -> HeadResult:
     """Train one head on assembled arrays and score validation and test once (TTA over views).
 
     ``prepared`` (standardised arrays) is reused when given; a head continued from
-    ``config.init`` standardises with its own saved statistics instead.
+    ``config.init`` (``init`` when already resolved) standardises with its own saved statistics instead.
     """
     validate_config(config)
     start = time.perf_counter()
     extra: dict = {}
     if config.init:
-        path = Path(config.init)
-        if not path.exists() and cache_dir is not None:
-            run = load_run(cache_dir, config.init)
-            path = run.model_path
-            extra["init_run"] = run.run_id
-        else:
-            run = read_run(path.parent) if path.is_file() else None
-        model = load_head(path, data.width, data.n_classes)
-        if run is not None:
-            check_same_features(run, data)
+        init = init or resolve_init(config.init, cache_dir)
+        model = init.model
+        check_head(model, data.width, data.n_classes, config.init)
+        if init.run is not None:
+            check_same_features(init.run, data)
+            extra["init_run"] = init.run.run_id
         layer, _ = _core(model)
         prepared = prepare(data, Standardizer.from_layer(layer))
     else:
@@ -712,13 +742,17 @@ def write_head_run(settings: FeatureSettings, config: HeadConfig, data: HeadData
 def train_head(settings: FeatureSettings, config: HeadConfig = HeadConfig(), runs_dir=None, log: Log = None) -> Run:
     """Load the cached features the settings name, train one head, score validation and test once, write its run."""
     validate_config(config)
+    init = None
+    if config.init:  # the saved head decides the kind the run records
+        init = resolve_init(config.init, settings.cache_dir)
+        config = replace(config, kind=init.kind)
     start = time.perf_counter()
     data = load_head_data(settings, config.val_fraction, config.seed)
     loaded = time.perf_counter() - start
     if log:
         log(f"loaded {len(data.caches)} cache file(s) in {loaded:.1f}s: {data.train_images} train / {len(data.y_val)} "
             f"val / {len(data.y_test)} test images x {len(data.views)} view(s), width {data.width}")
-    result = fit_head(data, config, log=log, cache_dir=settings.cache_dir)
+    result = fit_head(data, config, log=log, cache_dir=settings.cache_dir, init=init)
     return write_head_run(settings, config, data, result, runs_dir, load_seconds=loaded)
 
 

@@ -11,10 +11,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .backbones import get_spec, resolve_size, weights_identity
+from .backbones import POOLINGS, get_spec, resolve_size, weights_identity
 from .cache import FeatureSet, find, load_features
-from .errors import FeatcacheError
-from .settings import FeatureSettings
+from .errors import FeatcacheError, InvalidArgument, choice_error
+from .settings import DTYPES, VIEWS, FeatureSettings
+
+
+def check_settings(settings: FeatureSettings) -> None:
+    """Fail on an unknown backbone, size, pooling, dtype or view before any file is read.
+
+    Shared by ``features``, ``head`` and ``finetune``: a typo must not read as a missing cache.
+    """
+    if not settings.backbones():
+        raise InvalidArgument(f"No backbone named in {settings.backbone!r}; e.g. 'efficientnet_lite0' or 'a+b'.")
+    for name in settings.backbones():
+        resolve_size(get_spec(name), settings.size)
+    if settings.pooling not in POOLINGS:
+        raise choice_error("pooling", POOLINGS, settings.pooling)
+    if settings.dtype not in DTYPES:
+        raise choice_error("dtype", DTYPES, settings.dtype)
+    if not settings.views:
+        raise InvalidArgument("No view given; use 'orig' and/or 'flip'.")
+    for view in settings.views:
+        if view not in VIEWS:
+            raise choice_error("view", VIEWS, view)
 
 
 def data_source_id(data: str) -> str:

@@ -31,13 +31,14 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from .cache import fsync_dir
-from .errors import FeatcacheError
+from .errors import FeatcacheError, choice_error
 
 RECORD_FORMAT = 1
 RUNS_FOLDER = "runs"
 RECORD_FILE = "record.json"
 SETTINGS_FILE = "settings.json"
 MODEL_FILES = ("head.keras", "model.keras")
+RUN_KINDS = ("head", "finetune")
 # Above this many classes the confusion plot drops the per-cell numbers (unreadable otherwise).
 _MAX_ANNOTATED_CLASSES = 20
 
@@ -331,6 +332,8 @@ def list_runs(cache_dir: PathLike, kind: Optional[str] = None) -> list[Run]:
     ``cache_dir`` is the cache folder (runs live in its ``runs/``) or, when it has no
     ``runs/``, a folder holding run folders itself (``train_head(runs_dir=...)``).
     """
+    if kind is not None and kind not in RUN_KINDS:
+        raise choice_error("run kind", RUN_KINDS, kind)
     cache_dir = Path(cache_dir)
     root = runs_root(cache_dir) if runs_root(cache_dir).is_dir() else cache_dir
     if not root.is_dir():

@@ -6,6 +6,8 @@ attributes ``lookup`` matches on; no backbone is ever built.
 
 from __future__ import annotations
 
+import functools
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,8 @@ from featcache.cache import FeatureKey, FeatureSet, write_features
 from featcache.datasets import validation_split
 from featcache.errors import FeatcacheError, InvalidArgument
 from featcache.heads import (HeadConfig, Standardizer, assemble, concat_backbones, expand_grid, fit_head,
-                             load_head_data, parse_units, prepare, sweep, train_head, validate_config)
+                             load_head_data, parse_units, prepare, resolve_init, sweep, train_head,
+                             validate_config)
 from featcache.lookup import match_attrs
 from featcache.report import list_runs
 from featcache.settings import FeatureSettings
@@ -254,6 +257,44 @@ def test_reused_head_of_another_backbone_is_refused_even_at_the_same_width(cache
             train_head(other, HeadConfig(kind="linear", epochs=1, init=init))
 
 
+def test_continued_head_records_the_saved_kind_not_the_default(cache_dir):
+    settings = make_caches(cache_dir, width=12)
+    linear = train_head(settings, HeadConfig(kind="linear", epochs=1, batch_size=64))
+    again = train_head(settings, HeadConfig(epochs=1, batch_size=64, init=linear.run_id))  # kind left at 'mlp'
+    assert again.record["head"] == "linear" and again.record["config"]["kind"] == "linear"
+    mlp = train_head(settings, HeadConfig(kind="mlp", units=(8,), epochs=1, batch_size=64))
+    assert resolve_init(mlp.run_id, str(cache_dir)).kind == "mlp"
+    assert resolve_init(str(linear.path), str(cache_dir)).run.run_id == linear.run_id  # a run folder works too
+
+
+def test_bad_init_fails_before_any_features_load(cache_dir, monkeypatch):
+    import featcache.heads as heads_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("features were loaded before --init was checked")
+
+    monkeypatch.setattr(heads_module, "load_head_data", no_loading)
+    settings = settings_for(cache_dir)
+    with pytest.raises(FeatcacheError, match="No run 'nope'"):
+        train_head(settings, HeadConfig(kind="linear", init="nope"))
+    with pytest.raises(FeatcacheError, match="missing.keras does not exist"):
+        train_head(settings, HeadConfig(kind="linear", init=str(cache_dir / "missing.keras")))
+    broken = cache_dir / "broken.keras"
+    broken.write_bytes(b"not a zip")
+    with pytest.raises(FeatcacheError, match="Cannot load head"):
+        train_head(settings, HeadConfig(kind="linear", init=str(broken)))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("pooling", "mean", "Unknown pooling 'mean'; expected one of: 'avg', 'max'"),
+    ("dtype", "float64", "Unknown dtype 'float64'; expected one of: 'float16', 'float32'"),
+    ("views", ("orig", "mirror"), "Unknown view 'mirror'; expected one of: 'orig', 'flip'")])
+def test_bad_feature_settings_are_named_not_reported_as_a_missing_cache(cache_dir, field, value, message):
+    settings = replace(make_caches(cache_dir, width=6), **{field: value})
+    with pytest.raises(InvalidArgument, match=message):
+        train_head(settings, HeadConfig(kind="logreg"))
+
+
 # --- configs, sweep and CLI -----------------------------------------------------------------------
 
 
@@ -289,9 +330,15 @@ def test_sweep_loads_once_and_ranks_on_validation(cache_dir, monkeypatch):
     calls = []
     real = heads.load_head_data
     monkeypatch.setattr(heads, "load_head_data", lambda *a, **k: calls.append(1) or real(*a, **k))
+    built = []
+    build = heads.Prepared.train_tensor.func
+    counted = functools.cached_property(lambda self: built.append(1) or build(self))
+    counted.__set_name__(heads.Prepared, "train_tensor")
+    monkeypatch.setattr(heads.Prepared, "train_tensor", counted)
     runs = sweep(settings, {"kind": ["logreg", "linear"], "learning_rate": [0.01, 0.003]},
                  base=HeadConfig(epochs=3, batch_size=64))
     assert len(calls) == 1 and len(runs) == 3
+    assert len(built) == 1  # two Keras heads, one training tensor
     assert [r.val_acc for r in runs] == sorted((r.val_acc for r in runs), reverse=True)
     assert {r.run_id for r in list_runs(cache_dir)} == {r.run_id for r in runs}
 
@@ -316,3 +363,6 @@ def test_cli_head_and_sweep(cache_dir):
     bad = runner.invoke(app, base + ["-H", "svm"])
     assert bad.exit_code != 0 and isinstance(bad.exception, InvalidArgument)
     assert "expected one of: 'logreg', 'linear', 'mlp'" in str(bad.exception)
+    first = list_runs(cache_dir)[0].run_id
+    both = runner.invoke(app, base + ["-H", "linear", "--init", first])
+    assert both.exit_code != 0 and "cannot be combined with --init" in str(both.exception)

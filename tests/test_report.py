@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, InvalidArgument
 from featcache.report import (evaluate, list_runs, load_run, new_run_id, runs_root, runs_table, staged_run_dir,
                               write_run)
 
@@ -119,6 +119,8 @@ def test_list_runs_and_table_rank_heads_and_finetunes_by_validation(cache_dir):
     assert runs[0].kind == "finetune" and runs[0].model_path.name == "model.keras"
     assert runs[1].model_path.name == "head.keras" and runs[1].settings["val_fraction"] == 0.1
     assert [r.run_id for r in list_runs(cache_dir, kind="head")] == [mid["run_id"], low["run_id"]]
+    with pytest.raises(InvalidArgument, match="Unknown run kind 'heads'; expected one of: 'head', 'finetune'"):
+        list_runs(cache_dir, kind="heads")
     assert [r.run_id for r in list_runs(runs_root(cache_dir))] == [r.run_id for r in runs]
     table = runs_table(runs).splitlines()
     assert table[0].split() == ["run", "backbone", "head", "settings", "val_acc", "test_acc", "seconds"]

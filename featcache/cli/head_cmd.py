@@ -44,8 +44,12 @@ def head(
 ) -> None:
     """Train a classifier head from cached features (no backbone is built) and record the run."""
     from .. import heads
+    from ..errors import InvalidArgument
     from ..report import runs_table
 
+    if init and kind:
+        raise InvalidArgument(f"--head {kind} cannot be combined with --init: a continued head keeps the kind "
+                              "it was saved with.")
     settings = feature_settings(backbone, weights, data, size, pooling, dtype, cache_dir, views, skip_corrupt)
     given = {"kind": kind, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
              "dropout": dropout, "patience": patience,
