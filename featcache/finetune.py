@@ -29,10 +29,10 @@ import keras
 import numpy as np
 
 from .errors import FeatcacheError, InvalidArgument, choice_error
+from .heads import OPTIMIZERS, load_head as load_head_model, make_optimizer as head_optimizer
 from .preprocessing import Preprocess  # noqa: F401  (registered: loading a fine-tuned model needs it)
 from .settings import FeatureSettings
 
-OPTIMIZERS = ("adam", "rmsprop", "sgd")
 # Check (1): cached features are float16 by default (about 3 significant digits), and
 # extraction batches differ from ours, so features must agree to within 1% + 0.01.
 FEATURE_RTOL = 1e-2
@@ -279,12 +279,8 @@ def unfreeze(backbone, spec: str) -> list[str]:
 
 
 def make_optimizer(config: FinetuneConfig):
-    lr = config.learning_rate
-    optimizer = {
-        "adam": lambda: keras.optimizers.Adam(lr),
-        "rmsprop": lambda: keras.optimizers.RMSprop(lr),
-        "sgd": lambda: keras.optimizers.SGD(lr, momentum=0.9),
-    }[config.optimizer]()
+    """The head trainer's optimizers (same hyperparameters), loss-scaled under mixed precision."""
+    optimizer = head_optimizer(config.optimizer, config.learning_rate)
     if config.mixed_precision:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
@@ -465,12 +461,7 @@ def check_head_run(run, source: Source, settings: FeatureSettings) -> None:
 
 def load_head(run, source: Source):
     """The head model of ``run``, checked to take features of the backbone's width."""
-    path = run.path / "head.keras"
-    try:
-        head = keras.saving.load_model(path, compile=False)
-    except Exception as exc:  # Keras raises many types for foreign or broken files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise FeatcacheError(f"Cannot load {path}: {type(exc).__name__}: {first[:200]}") from None
+    head = load_head_model(run.path / "head.keras")
     width = head.input_shape[-1]
     if width != source.width:
         raise FeatcacheError(f"Head run {run.run_id} takes features of width {width} but {source.backbone} "
@@ -609,9 +600,10 @@ def finetune(settings: FeatureSettings, config: FinetuneConfig = FinetuneConfig(
     from filelock import FileLock, Timeout
 
     from .datasets import load_dataset
-    from .lookup import load_split
+    from .lookup import check_settings, load_split
 
     validate(config)
+    check_settings(settings)
     backbones = settings.backbones()
     if len(backbones) != 1:
         raise InvalidArgument(f"Fine-tuning takes one backbone; received {settings.backbone!r}.")
@@ -636,28 +628,7 @@ def finetune(settings: FeatureSettings, config: FinetuneConfig = FinetuneConfig(
     if config.mixed_precision and not tf.config.list_physical_devices("GPU"):
         log("warning: --mixed-precision without a GPU runs slower on CPU; continuing as asked")
 
-    keras.utils.set_random_seed(config.seed)
-    start = time.perf_counter()
-    train_split = dataset["train"]
-    with strategy.scope():
-        head = load_head(head_run, source)
-        model, backbone = build_model(source, head, config, settings.cache_dir)
-        chosen = unfreeze(backbone, config.unfreeze)  # before the checks: a bad layer name fails fast
-        for layer in head.layers:  # an MLP head's BatchNormalization keeps its statistics too
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.trainable = False
-        infer = Inference(model)
-        checks = {"feature_max_abs_diff": check_features(
-            infer, train_split, cache, train_rows[:config.check_images], source.size, config.batch_size, log)}
-        recorded = None if config.subset else recorded_val_acc(head_run)
-        checks.update(check_validation(infer, head, train_split, cache, val_rows, source.size, config.batch_size,
-                                       recorded, log))
-        model.compile(optimizer=make_optimizer(config), loss="sparse_categorical_crossentropy",
-                      metrics=["accuracy"])
-    n_trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
-    log(f"unfreeze {config.unfreeze}: {len(chosen)} backbone layer(s) trainable ({n_trainable:,} trainable "
-        f"parameters with the head; BatchNormalization frozen); {config.optimizer} at lr {config.learning_rate:g}")
-
+    # Locked before the backbone is built: a second identical call fails in a second, not minutes.
     work_dir.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(work_dir) + ".lock")
     try:
@@ -665,6 +636,27 @@ def finetune(settings: FeatureSettings, config: FinetuneConfig = FinetuneConfig(
     except Timeout:
         raise FeatcacheError(f"Another featcache finetune is running these settings (lock {lock.lock_file}).") from None
     try:
+        keras.utils.set_random_seed(config.seed)
+        start = time.perf_counter()
+        train_split = dataset["train"]
+        with strategy.scope():
+            head = load_head(head_run, source)
+            model, backbone = build_model(source, head, config, settings.cache_dir)
+            chosen = unfreeze(backbone, config.unfreeze)  # before the checks: a bad layer name fails fast
+            for layer in head.layers:  # an MLP head's BatchNormalization keeps its statistics too
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.trainable = False
+            infer = Inference(model)
+            checks = {"feature_max_abs_diff": check_features(
+                infer, train_split, cache, train_rows[:config.check_images], source.size, config.batch_size, log)}
+            recorded = None if config.subset else recorded_val_acc(head_run)
+            checks.update(check_validation(infer, head, train_split, cache, val_rows, source.size, config.batch_size,
+                                           recorded, log))
+            model.compile(optimizer=make_optimizer(config), loss="sparse_categorical_crossentropy",
+                          metrics=["accuracy"])
+        n_trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
+        log(f"unfreeze {config.unfreeze}: {len(chosen)} backbone layer(s) trainable ({n_trainable:,} trainable "
+            f"parameters with the head; BatchNormalization frozen); {config.optimizer} at lr {config.learning_rate:g}")
         resuming = _open_work_dir(work_dir)
         steps = math.ceil(len(train_rows) / config.batch_size)
         if config.max_steps:
