@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -305,9 +305,12 @@ class PartStore:
                                f"{exc}); removed it and {len(later) - 1} later chunk(s): rerun the same command "
                                "to extract them again.") from None
 
-    def remove_stale(self, final_path: Path) -> int:
-        """Delete temporary files a killed writer left beside ``final_path``; call under the key's lock."""
-        stale = list(final_path.parent.glob(f".{final_path.name}.*.tmp")) + list(self.dir.glob(".*.tmp"))
+    def remove_stale(self, final_path: Optional[Path] = None) -> int:
+        """Delete temporary files a killed writer left in this folder and, given ``final_path`` (call
+        under that key's lock), beside it."""
+        stale = list(self.dir.glob(".*.tmp"))
+        if final_path is not None:
+            stale += list(final_path.parent.glob(f".{final_path.name}.*.tmp"))
         for path in stale:
             path.unlink(missing_ok=True)
         return len(stale)
@@ -397,35 +400,43 @@ def check(path: Union[str, Path], full: bool = True) -> dict:
                 raise FeatcacheError(
                     f"{path} has shapes {shapes} but records {n} rows of width {width}; rebuild it: {hint}.")
             if full:
-                expected = json.loads(attrs["checksums"])
                 for name in ARRAYS:
                     digest = hashlib.sha256()
                     dset = fh[name]
                     for start in range(0, n, _HASH_BLOCK_ROWS):
-                        block = np.ascontiguousarray(dset[start:start + _HASH_BLOCK_ROWS])
-                        digest.update(memoryview(block).cast("B"))
-                    if digest.hexdigest() != expected.get(name):
-                        raise FeatcacheError(f"{path}: checksum of '{name}' does not match; "
-                                             f"the file is corrupt. Rebuild it: {hint}.")
+                        digest.update(memoryview(np.ascontiguousarray(dset[start:start + _HASH_BLOCK_ROWS])).cast("B"))
+                    _check_digest(path, attrs, name, digest.hexdigest())
     except OSError as exc:
         raise FeatcacheError(f"{path} cannot be read ({str(exc).splitlines()[0]}); rebuild it: {hint}.") from None
     return attrs
 
 
+def _check_digest(path: Path, attrs: dict, name: str, digest: str) -> None:
+    if digest != json.loads(attrs["checksums"]).get(name):
+        raise FeatcacheError(f"{path}: checksum of '{name}' does not match; the file is corrupt. "
+                             f"Rebuild it: {_rebuild_hint(path, attrs)}.")
+
+
 def load_features(path: Union[str, Path], verify: bool = True) -> FeatureSet:
-    """A checked cache file in memory; NaN or infinite features are an error."""
+    """A checked cache file in memory; NaN or infinite features are an error.
+
+    ``verify`` checksums the arrays once they are in memory: the file is read once, not twice.
+    """
     import h5py
 
     path = Path(path)
-    attrs = check(path, full=verify)
+    attrs = check(path, full=False)
     try:
         with h5py.File(path, "r") as fh:
-            features = fh["features"][...]
-            labels = fh["labels"][...]
-            indices = fh["indices"][...]
+            arrays = {name: fh[name][...] for name in ARRAYS}
     except OSError as exc:
         raise FeatcacheError(f"{path} cannot be read ({str(exc).splitlines()[0]}); "
                              f"rebuild it: {_rebuild_hint(path, attrs)}.") from None
+    if verify:
+        for name, array in arrays.items():
+            digest = hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
+            _check_digest(path, attrs, name, digest)
+    features, labels, indices = arrays["features"], arrays["labels"], arrays["indices"]
     if not np.all(np.isfinite(features)):
         bad = int(np.count_nonzero(~np.isfinite(features).all(axis=1)))
         raise FeatcacheError(f"{path} holds NaN or infinite features in {bad} row(s); "

@@ -19,12 +19,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .backbones import POOLINGS, get_spec, preprocess_key, resolve_size, weights_identity
+from .backbones import get_spec, preprocess_key, resolve_size, weights_identity
 from .cache import DamagedChunk, FeatureKey, HDF5Writer, PartStore, base_attrs, check, lock_for
 from .datasets import SPLITS, Dataset, Split, load_dataset
 from .errors import FeatcacheError, InvalidArgument, choice_error
-from .lookup import data_source_id
-from .settings import DTYPES, VIEWS, FeatureSettings
+from .lookup import check_settings, data_source_id
+from .settings import FeatureSettings
 
 DEFAULT_CHUNK_ROWS = 1024
 
@@ -67,19 +67,7 @@ def feature_key(settings: FeatureSettings, backbone: str, dataset: Dataset, spli
 
 def validate(settings: FeatureSettings, options: ExtractOptions) -> None:
     """Fail on any bad argument before loading data or building a model."""
-    if not settings.backbones():
-        raise InvalidArgument("No backbone given.")
-    for name in settings.backbones():
-        resolve_size(get_spec(name), settings.size)
-    if settings.pooling not in POOLINGS:
-        raise choice_error("pooling", POOLINGS, settings.pooling)
-    if settings.dtype not in DTYPES:
-        raise choice_error("dtype", DTYPES, settings.dtype)
-    if not settings.views:
-        raise InvalidArgument("No view given; use 'orig' and/or 'flip'.")
-    for view in settings.views:
-        if view not in VIEWS:
-            raise choice_error("view", VIEWS, view)
+    check_settings(settings)
     for split in options.splits:
         if split not in SPLITS:
             raise choice_error("split", SPLITS, split)
@@ -205,11 +193,7 @@ class _Runner:
         meta = {"key": key.digest, "n_rows": n, "chunk_rows": chunk_rows, "batch_size": batch,
                 "engine": engine.name}
         store = PartStore(path, meta)
-        done = store.open()
-        if store.discarded:
-            changed = ", ".join(f"{k} was {v}" for k, v in sorted(store.discarded.items()))
-            self.log(f"starting {path.name} over: the interrupted run's chunks used other settings ({changed})")
-        store.remove_stale(path)
+        done = self.open_store(store, path)
         start = min(done * chunk_rows, n)
         if start:
             self.log(f"resuming {path.name} at row {start}/{n} ({done} chunk(s) already done)")
@@ -219,19 +203,9 @@ class _Runner:
         seconds = time.perf_counter() - t0
         n_chunks = math.ceil(n / chunk_rows)
         first = store.load(0)
-        width = first["features"].shape[1]
-        if width != self.spec.width:
-            raise FeatcacheError(f"{self.spec.name} produced features of width {width}, expected {self.spec.width}.")
-        skipped = [p for p in dataset.skipped if f"/{split}/" in p]
-        attrs = base_attrs(key, dataset.class_names, {
-            "data_source": data_source_id(self.settings.data),
-            "make_command": FeatureSettings(**{**self.settings.__dict__, "backbone": self.spec.name}).make_command(),
-            "engine": engine.name,
-            "batch_size": batch,
-            "extract_seconds": round(seconds, 3),
-            "skipped_files": json.dumps(skipped),
-            "ignored_files": dataset.ignored_files,
-        })
+        width = self.check_width(first["features"])
+        skipped = self.skipped(dataset, split)
+        attrs = self.cache_attrs(key, dataset, split, engine.name, batch, seconds)
         writer = None
         try:
             writer = HDF5Writer(path, n, width, key.dtype)
@@ -251,6 +225,40 @@ class _Runner:
         note = f"; skipped {len(skipped)} unreadable file(s), listed in its skipped_files" if skipped else ""
         self.log(f"wrote {path} ({n} rows x {width}, {rate:.1f} img/s{note})")
         return path
+
+    def open_store(self, store: PartStore, path: Optional[Path] = None) -> int:
+        """Open a chunk folder (chunks done so far), saying why an interrupted run's chunks were dropped
+        and clearing temp files killed writers left; ``path`` (the final file, whose lock we hold) too."""
+        done = store.open()
+        if store.discarded:
+            changed = ", ".join(f"{k} was {v}" for k, v in sorted(store.discarded.items()))
+            self.log(f"starting {store.dir.name} over: the interrupted run's chunks used other settings ({changed})")
+        store.remove_stale(path)
+        return done
+
+    def check_width(self, features: np.ndarray) -> int:
+        width = int(features.shape[1])
+        if width != self.spec.width:
+            raise FeatcacheError(f"{self.spec.name} produced features of width {width}, expected {self.spec.width}.")
+        return width
+
+    @staticmethod
+    def skipped(dataset: Dataset, split: str) -> list[str]:
+        return [p for p in dataset.skipped if f"/{split}/" in p]
+
+    def cache_attrs(self, key: FeatureKey, dataset: Dataset, split: str, engine: str, batch: int, seconds: float,
+                    **extra) -> dict:
+        """The attributes a finished cache file records, single-process or merged from workers."""
+        return base_attrs(key, dataset.class_names, {
+            "data_source": data_source_id(self.settings.data),
+            "make_command": FeatureSettings(**{**self.settings.__dict__, "backbone": self.spec.name}).make_command(),
+            "engine": engine,
+            "batch_size": batch,
+            **extra,
+            "extract_seconds": round(seconds, 3),
+            "skipped_files": json.dumps(self.skipped(dataset, split)),
+            "ignored_files": dataset.ignored_files,
+        })
 
     def _run(self, engine, data: Split, key: FeatureKey, store: PartStore, done: int, start: int,
              chunk_rows: int) -> None:

@@ -4,7 +4,7 @@ from conftest import make_npz
 
 from featcache import engines
 from featcache.cache import load_features
-from featcache.engines import KerasEngine, TFLiteEngine, convert_to_tflite, make_engine, resolve_engine, tflite_path
+from featcache.engines import KerasEngine, TFLiteEngine, make_engine, resolve_engine, tflite_path
 from featcache.errors import InvalidArgument
 from featcache.extract import ExtractOptions, extract
 from featcache.settings import FeatureSettings
