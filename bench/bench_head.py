@@ -33,6 +33,12 @@ Measured 2026-11-25 on the project's 2-core VM (AMD EPYC, AVX2, no AVX-512), 50,
   adam           23.4 s   (1.17)
   torch          24.1 s   (1.21)
   loop           28.3 s   (whole fit_head: + tracing, standardising, per-epoch validation, scoring)
+The same runs on the VM's later CPU (Intel Xeon with AVX-512, 2 cores), same commands:
+  floor 12.4 s, grads-only 17.4, no-bn-dropout 15.0, sgd 19.2, adam 21.3, torch 21.0, loop 27.8.
+  There a profile of one adam epoch (1.15 s; tf.profiler, op time summed) gives the first
+  layer's MatMuls 0.50 s, Adam's element-wise update 0.15 s, BatchNormalization 0.22 s,
+  dropout 0.16 s, the row gathers 0.07 s; PyTorch spends 0.50 s in its matrix products and
+  0.34 s drawing dropout masks. XLA compiling each step (not the epoch) ran 7.3 s/epoch.
 So the 20 s target for 20 epochs is out of reach for this model here: the first layer's two
 matrix products alone take 15.9 s (94 GFLOP per epoch at ~120 GFLOP/s), and the bare
 training steps of the required mlp take 23.4 s before any validation. PyTorch is no faster
