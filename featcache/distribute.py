@@ -215,7 +215,7 @@ class Distribution:
                 check(path, full=False)
                 return path
             start = time.perf_counter()
-            _extract_shard(runner, engine, parts[0], data, key, chunk_rows)
+            _extract_shard(runner, engine, parts[0], data, key, chunk_rows, final_path=path)
             runner.log(f"chief: waiting for the parts of {cluster.workers - 1} other worker(s)")
             _wait(lambda: all((p.dir / DONE_FILE).exists() for p in parts),
                   f"parts of {path.name} from every worker", [p.dir for p in parts])
@@ -255,13 +255,15 @@ class _Part:
         return cls(PartStore(path.with_name(f"{path.name}.worker{rank}"), meta), start, stop)
 
 
-def _extract_shard(runner, engine, part: _Part, data: "Split", key: "FeatureKey", chunk_rows: int) -> None:
-    """This worker's rows into its part folder (resumable), then its done marker."""
+def _extract_shard(runner, engine, part: _Part, data: "Split", key: "FeatureKey", chunk_rows: int,
+                   final_path: Optional[Path] = None) -> None:
+    """This worker's rows into its part folder (resumable), then its done marker; the chief, which holds
+    the key's lock, passes ``final_path`` so a killed merge's temp files are cleared too."""
     from .cache import _atomic_write_bytes
     from .datasets import Split
 
     store = part.store
-    done = runner.open_store(store)  # other workers may be writing beside the final file: leave it alone
+    done = runner.open_store(store, final_path)
     if (store.dir / DONE_FILE).exists():
         return
     start, stop = part.start, part.stop

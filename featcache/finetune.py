@@ -622,7 +622,8 @@ def finetune(settings: FeatureSettings, config: FinetuneConfig = FinetuneConfig(
     if not chief:  # other workers keep their own backups; only the chief writes the run
         from .distribute import cluster_from_env
 
-        work_dir = work_dir / f"worker{cluster_from_env().rank}"
+        # Beside the chief's folder, not inside it: the chief clears its own folder on a fresh start.
+        work_dir = work_dir.with_name(f"{work_dir.name}.worker{cluster_from_env().rank}")
     log(f"fine-tuning {source.backbone} ({source.weights}, {source.size}px, {source.pooling} pooling) from head run "
         f"{head_run.run_id}: {len(train_rows)} train / {len(val_rows)} val / {len(test_rows)} test images")
     if config.mixed_precision and not tf.config.list_physical_devices("GPU"):

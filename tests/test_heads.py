@@ -16,9 +16,9 @@ import pytest
 from featcache.cache import FeatureKey, FeatureSet, write_features
 from featcache.datasets import validation_split
 from featcache.errors import FeatcacheError, InvalidArgument
-from featcache.heads import (HeadConfig, Standardizer, assemble, concat_backbones, expand_grid, fit_head,
-                             load_head_data, parse_units, prepare, resolve_init, sweep, train_head,
-                             validate_config)
+from featcache.heads import (HeadConfig, Standardizer, assemble, build_head, concat_backbones, expand_grid,
+                             fit_head, load_head_data, parse_units, prepare, resolve_init, sweep, train_head,
+                             training_step, validate_config)
 from featcache.lookup import match_attrs
 from featcache.report import list_runs
 from featcache.settings import FeatureSettings
@@ -123,6 +123,29 @@ def test_logreg_export_matches_scikit_learn(n_classes):
 
 
 # --- standardisation --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_split_first_layer_gradients_equal_tensorflows(kind):
+    import tensorflow as tf
+
+    from featcache.heads import _core
+
+    rng = np.random.default_rng(0)
+    model = build_head(kind, 24, 3, Standardizer(np.zeros(24), np.ones(24)), units=(16, 8), dropout=0.0)
+    _, core = _core(model)
+    x, y = tf.constant(rng.normal(size=(32, 24)).astype(np.float32)), tf.constant(rng.integers(0, 3, 32))
+    results = []
+    for split in (True, False):
+        step, variables = training_step(model, core, split_first=split)
+        probs, _, grads = step(x, y)
+        results.append((np.asarray(probs), {v.path: np.asarray(g) for v, g in zip(variables, grads)}))
+    (probs_split, grads_split), (probs_tf, grads_tf) = results
+    assert sorted(grads_split) == sorted(grads_tf) == sorted(v.path for v in core.trainable_variables)
+    np.testing.assert_allclose(probs_split, probs_tf, rtol=1e-6)
+    for path, grad in grads_tf.items():
+        assert np.abs(grad).max() > 0, path
+        np.testing.assert_allclose(grads_split[path], grad, rtol=1e-4, atol=1e-6, err_msg=path)
 
 
 def test_standardisation_is_fitted_on_training_rows_only(cache_dir):
@@ -257,13 +280,15 @@ def test_reused_head_of_another_backbone_is_refused_even_at_the_same_width(cache
             train_head(other, HeadConfig(kind="linear", epochs=1, init=init))
 
 
-def test_continued_head_records_the_saved_kind_not_the_default(cache_dir):
+def test_continued_head_records_the_saved_architecture_not_the_default(cache_dir):
     settings = make_caches(cache_dir, width=12)
     linear = train_head(settings, HeadConfig(kind="linear", epochs=1, batch_size=64))
     again = train_head(settings, HeadConfig(epochs=1, batch_size=64, init=linear.run_id))  # kind left at 'mlp'
     assert again.record["head"] == "linear" and again.record["config"]["kind"] == "linear"
-    mlp = train_head(settings, HeadConfig(kind="mlp", units=(8,), epochs=1, batch_size=64))
+    mlp = train_head(settings, HeadConfig(kind="mlp", units=(8, 4), dropout=0.1, epochs=1, batch_size=64))
     assert resolve_init(mlp.run_id, str(cache_dir)).kind == "mlp"
+    continued = train_head(settings, HeadConfig(epochs=1, batch_size=64, init=mlp.run_id))  # defaults 256-128-64
+    assert continued.record["config"]["units"] == [8, 4] and continued.record["config"]["dropout"] == 0.1
     assert resolve_init(str(linear.path), str(cache_dir)).run.run_id == linear.run_id  # a run folder works too
 
 

@@ -36,8 +36,8 @@ def head(
                                                 "validation (stratified, by image).")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the validation split, initialisation and shuffling.")] = 0,
     patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience in epochs (default 5).")] = None,
-    init: Annotated[Optional[str], typer.Option("--init", help="Continue training a saved head: a run id or "
-                                                "a head.keras path.")] = None,
+    init: Annotated[Optional[str], typer.Option("--init", help="Continue training a saved head: a run id, "
+                                                "a run folder or a head.keras path.")] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Train a small grid over head kind, learning rate and "
                                         "dropout on features loaded once; options given fix their axis.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print every epoch.")] = False,
