@@ -474,63 +474,6 @@ def _log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(-np.mean(np.log(p)))
 
 
-def _first_linear_dense(model):
-    """The bias-free, activation-free Dense right after ``standardize`` (the mlp's first layer), else None."""
-    import keras
-
-    standardized = model.get_layer("standardize").output
-    after = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)
-             and any(t is standardized for t in keras.tree.flatten(layer.input))]
-    if len(after) != 1 or not isinstance(after[0], keras.layers.Dense):
-        return None
-    dense = after[0]
-    if dense.use_bias or dense.activation is not keras.activations.linear:
-        return None
-    return dense
-
-
-def training_step(model, core, split_first: bool = True):
-    """``(step, variables)``: ``step(xb, yb) -> (probs, per-row losses, gradients of variables)``.
-
-    With ``split_first`` an mlp's first kernel gradient is computed as (dz^T x)^T instead of
-    TensorFlow's x^T dz: the same numbers, but on 1024 x 2048 x 256 TF's CPU MatMul took
-    0.17 s per epoch for the former against 0.29 s for the latter (``bench/bench_head.py``).
-    """
-    import keras
-    import tensorflow as tf
-
-    first = _first_linear_dense(model) if split_first else None
-
-    def loss_of(probs, yb):
-        losses = keras.losses.sparse_categorical_crossentropy(yb, probs)
-        return losses, tf.reduce_mean(losses)
-
-    if first is None:
-        variables = core.trainable_variables
-
-        def step(xb, yb):
-            with tf.GradientTape() as tape:
-                probs = core(xb, training=True)
-                losses, loss = loss_of(probs, yb)
-            return probs, losses, tape.gradient(loss, variables)
-
-        return step, variables
-
-    rest = keras.Model(first.output, model.output, name=f"{model.name}_after_{first.name}")
-    variables = [first.kernel] + list(rest.trainable_variables)
-
-    def step(xb, yb):
-        z = tf.matmul(xb, first.kernel)
-        with tf.GradientTape() as tape:
-            tape.watch(z)
-            probs = rest(z, training=True)
-            losses, loss = loss_of(probs, yb)
-        dz, *grads = tape.gradient(loss, [z] + variables[1:])
-        return probs, losses, [tf.transpose(tf.matmul(dz, xb, transpose_a=True))] + grads
-
-    return step, variables
-
-
 def fit_keras(model, prepared: Prepared, data: HeadData, config: HeadConfig, log: Log = None,
               jit_compile: bool = False) -> tuple[dict, Optional[int], np.ndarray]:
     """Train the layers after ``standardize`` on the standardised arrays; returns (history, best epoch, val probs by view).
@@ -551,15 +494,18 @@ def fit_keras(model, prepared: Prepared, data: HeadData, config: HeadConfig, log
     bounds = tf.constant(np.rint(np.linspace(0, n, steps + 1)).astype(np.int32))
     x = prepared.train_tensor
     y = tf.constant(data.y_train.astype(np.int32))
-    gradients, variables = training_step(model, core)
+    variables = core.trainable_variables
 
     def train_epoch(order, x, y):
         loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
         for step in tf.range(steps):
             rows = order[bounds[step]:bounds[step + 1]]
             xb, yb = tf.gather(x, rows), tf.gather(y, rows)
-            probs, losses, grads = gradients(xb, yb)
-            optimizer.apply(grads, variables)
+            with tf.GradientTape() as tape:
+                probs = core(xb, training=True)
+                losses = keras.losses.sparse_categorical_crossentropy(yb, probs)
+                loss = tf.reduce_mean(losses)
+            optimizer.apply(tape.gradient(loss, variables), variables)
             loss_sum += tf.reduce_sum(losses)
             correct += tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, axis=1, output_type=tf.int32), yb), tf.float32))
         return loss_sum / n, correct / n

@@ -16,9 +16,9 @@ import pytest
 from featcache.cache import FeatureKey, FeatureSet, write_features
 from featcache.datasets import validation_split
 from featcache.errors import FeatcacheError, InvalidArgument
-from featcache.heads import (HeadConfig, Standardizer, assemble, build_head, concat_backbones, expand_grid,
-                             fit_head, load_head_data, parse_units, prepare, resolve_init, sweep, train_head,
-                             training_step, validate_config)
+from featcache.heads import (HeadConfig, Standardizer, assemble, concat_backbones, expand_grid, fit_head,
+                             load_head_data, parse_units, prepare, resolve_init, sweep, train_head,
+                             validate_config)
 from featcache.lookup import match_attrs
 from featcache.report import list_runs
 from featcache.settings import FeatureSettings
@@ -123,29 +123,6 @@ def test_logreg_export_matches_scikit_learn(n_classes):
 
 
 # --- standardisation --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kind", ["mlp", "linear"])
-def test_split_first_layer_gradients_equal_tensorflows(kind):
-    import tensorflow as tf
-
-    from featcache.heads import _core
-
-    rng = np.random.default_rng(0)
-    model = build_head(kind, 24, 3, Standardizer(np.zeros(24), np.ones(24)), units=(16, 8), dropout=0.0)
-    _, core = _core(model)
-    x, y = tf.constant(rng.normal(size=(32, 24)).astype(np.float32)), tf.constant(rng.integers(0, 3, 32))
-    results = []
-    for split in (True, False):
-        step, variables = training_step(model, core, split_first=split)
-        probs, _, grads = step(x, y)
-        results.append((np.asarray(probs), {v.path: np.asarray(g) for v, g in zip(variables, grads)}))
-    (probs_split, grads_split), (probs_tf, grads_tf) = results
-    assert sorted(grads_split) == sorted(grads_tf) == sorted(v.path for v in core.trainable_variables)
-    np.testing.assert_allclose(probs_split, probs_tf, rtol=1e-6)
-    for path, grad in grads_tf.items():
-        assert np.abs(grad).max() > 0, path
-        np.testing.assert_allclose(grads_split[path], grad, rtol=1e-4, atol=1e-6, err_msg=path)
 
 
 def test_standardisation_is_fitted_on_training_rows_only(cache_dir):
