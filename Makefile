@@ -17,6 +17,7 @@ VIEWS ?= orig
 ENGINE ?= auto
 HEAD ?= mlp
 EPOCHS ?=
+LR ?=
 RUN ?=
 
 FEATURE_ARGS = --backbone $(BACKBONE) --weights $(WEIGHTS) --data $(DATA) --cache-dir $(CACHE_DIR) \
@@ -36,7 +37,7 @@ features:
 	$(FC) features $(FEATURE_ARGS) --engine $(ENGINE) $(if $(BATCH),--batch-size $(BATCH))
 
 head:
-	$(FC) head $(FEATURE_ARGS) --head $(HEAD) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH))
+	$(FC) head $(FEATURE_ARGS) --head $(HEAD) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH)) $(if $(LR),--lr $(LR))
 
 sweep:
 	$(FC) head $(FEATURE_ARGS) --sweep $(if $(EPOCHS),--epochs $(EPOCHS))

@@ -39,6 +39,10 @@ The same runs on the VM's later CPU (Intel Xeon with AVX-512, 2 cores), same com
   layer's MatMuls 0.50 s, Adam's element-wise update 0.15 s, BatchNormalization 0.22 s,
   dropout 0.16 s, the row gathers 0.07 s; PyTorch spends 0.50 s in its matrix products and
   0.34 s drawing dropout masks. XLA compiling each step (not the epoch) ran 7.3 s/epoch.
+  Interleaved on the Xeon, three runs each (``--variant loop --batch-size B --lr L``): batch 1024
+  30.0/28.3/26.7 s, 2048 at lr 4e-3 26.2/23.4/24.3 s, 4096 at lr 4e-3 23.4/23.1/20.9 s. Taking the
+  first kernel's gradient as (dz^T x)^T, faster alone (0.17 against 0.29 s/epoch for that MatMul),
+  gave no gain in the whole loop (27.7/27.0/23.0 s against 26.1/23.4/22.6 s), so it was reverted.
 So the 20 s target for 20 epochs is out of reach for this model here: the first layer's two
 matrix products alone take 15.9 s (94 GFLOP per epoch at ~120 GFLOP/s), and the bare
 training steps of the required mlp take 23.4 s before any validation. PyTorch is no faster
