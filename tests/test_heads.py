@@ -145,6 +145,15 @@ def test_standardisation_is_fitted_on_training_rows_only(cache_dir):
     assert np.all(np.asarray(layer.mean).ravel() < 50)
 
 
+def test_standardizer_matches_float64_statistics_despite_a_large_offset():
+    rng = np.random.default_rng(0)
+    x = (1e4 + 0.01 * rng.normal(size=(3000, 5))).astype(np.float32)  # three blocks; var/mean^2 ~ 1e-12
+    scaler = Standardizer.fit(x)
+    exact = x.astype(np.float64)
+    np.testing.assert_allclose(scaler.mean, exact.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(scaler.variance, exact.var(axis=0), rtol=1e-6)
+
+
 def test_constant_feature_is_centred_not_scaled():
     x = np.ones((50, 3), dtype=np.float16)
     x[:, 1] = np.arange(50)
