@@ -58,7 +58,7 @@ class HeadConfig:
     batch 1024 reached val/test 0.826/0.820 against 0.828/0.821 at 1e-3 and batch 256.
     ``c_grid`` and ``max_iter`` only concern ``logreg``; ``init`` continues from a saved head
     (a run id, run folder or ``head.keras`` path) instead of a new one, whose saved
-    architecture then decides the kind the run records.
+    architecture then decides the kind, units and dropout the run records.
     """
 
     kind: str = "mlp"
