@@ -715,7 +715,8 @@ def finetune(settings: FeatureSettings, config: FinetuneConfig = FinetuneConfig(
             "seconds": round(seconds, 2),
             "replicas": int(strategy.num_replicas_in_sync),
         }
-        if not chief:
+        if not chief:  # the chief writes the run; a worker's backup and logs are spent
+            shutil.rmtree(work_dir, ignore_errors=True)
             return record
         return finish_run(work_dir, settings, config, model, record, source.class_names,
                           (cache.labels[val_rows], val_probs), (dataset["test"].labels[test_rows], test_probs), log)

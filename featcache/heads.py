@@ -308,6 +308,8 @@ class Standardizer:
         matched a two-pass float64 computation to 1e-11 in 0.42 s instead of 0.99 s.
         """
         n = x.shape[0]
+        if n == 0:
+            raise InvalidArgument("Cannot fit a standardizer on zero rows.")
         shift = x[:1].astype(np.float32)
         total, squares = np.zeros(x.shape[1]), np.zeros(x.shape[1])
         for start in range(0, n, chunk):

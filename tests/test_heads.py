@@ -152,6 +152,8 @@ def test_standardizer_matches_float64_statistics_despite_a_large_offset():
     exact = x.astype(np.float64)
     np.testing.assert_allclose(scaler.mean, exact.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(scaler.variance, exact.var(axis=0), rtol=1e-6)
+    with pytest.raises(InvalidArgument, match="zero rows"):
+        Standardizer.fit(x[:0])
 
 
 def test_constant_feature_is_centred_not_scaled():
