@@ -346,26 +346,44 @@ class Standardizer:
 
 @dataclass
 class Prepared:
-    """Standardised float32 copies of a ``HeadData`` (shared by the runs of a sweep)."""
+    """Standardised float32 copies of a ``HeadData``, each made on first use (shared by the runs of a sweep)."""
 
     standardizer: Standardizer
-    x_train: np.ndarray
-    x_val: np.ndarray
-    x_test: np.ndarray
+    data: HeadData
+
+    @functools.cached_property
+    def x_train(self) -> np.ndarray:
+        return self.standardizer.transform(self.data.x_train)
+
+    @functools.cached_property
+    def x_val(self) -> np.ndarray:
+        return self.standardizer.transform(self.data.x_val)
+
+    @functools.cached_property
+    def x_test(self) -> np.ndarray:
+        return self.standardizer.transform(self.data.x_test)
 
     @functools.cached_property
     def train_tensor(self):
-        """The training rows as one tensor, built once for all the Keras heads of a sweep."""
+        """The standardised training rows as one tensor, for the Keras heads.
+
+        Standardised by TensorFlow from the cached rows, not copied from ``x_train``: one
+        large allocation less (0.41 against 0.69 s on 45,000 x 2,048 float16).
+        """
         import tensorflow as tf
 
-        return tf.constant(self.x_train)
+        mean = tf.constant(self.standardizer.mean.astype(np.float32))
+        scale = tf.constant(np.sqrt(self.standardizer.variance).astype(np.float32))
+        standardize = tf.function(lambda x: (tf.cast(x, tf.float32) - mean) / scale)  # as ``transform`` computes
+        return standardize(tf.constant(self.data.x_train))
 
 
 def prepare(data: HeadData, standardizer: Optional[Standardizer] = None) -> Prepared:
     """Standardise every split with statistics of the training rows (or a reused head's)."""
     standardizer = standardizer or Standardizer.fit(data.x_train)
-    return Prepared(standardizer, standardizer.transform(data.x_train), standardizer.transform(data.x_val),
-                    standardizer.transform(data.x_test))
+    if standardizer.mean.shape != (data.width,):
+        raise FeatcacheError(f"The standardizer has width {standardizer.mean.shape[-1]}, the features {data.width}.")
+    return Prepared(standardizer, data)
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -490,31 +508,39 @@ def fit_keras(model, prepared: Prepared, data: HeadData, config: HeadConfig, log
     import keras
     import tensorflow as tf
 
+    from .training_step import FusedAdam, training_forward, training_loss
+
     _, core = _core(model)
-    optimizer = make_optimizer(config.optimizer, config.learning_rate)
+    optimizer = (FusedAdam(config.learning_rate) if config.optimizer == "adam"
+                 else make_optimizer(config.optimizer, config.learning_rate))
     core.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")  # callbacks reach the optimizer here
     optimizer.build(core.trainable_variables)
-    n = int(prepared.x_train.shape[0])
+    n = int(data.x_train.shape[0])
     steps = max(1, math.ceil(n / config.batch_size))
     # Equal batches (no straggler of a few rows for BatchNormalization to choke on).
     bounds = tf.constant(np.rint(np.linspace(0, n, steps + 1)).astype(np.int32))
     x = prepared.train_tensor
     y = tf.constant(data.y_train.astype(np.int32))
+    views, n_val, width = prepared.x_val.shape
+    x_val = tf.constant(prepared.x_val.reshape(views * n_val, width))
     variables = core.trainable_variables
+    forward = training_forward(core)
 
-    def train_epoch(order, x, y):
+    def train_epoch(order, x, y, x_val, seed):
         loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
         for step in tf.range(steps):
             rows = order[bounds[step]:bounds[step + 1]]
             xb, yb = tf.gather(x, rows), tf.gather(y, rows)
             with tf.GradientTape() as tape:
-                probs = core(xb, training=True)
-                losses = keras.losses.sparse_categorical_crossentropy(yb, probs)
+                losses, predicted = training_loss(forward, xb, yb, tf.stack([seed, tf.cast(step, tf.int64) * 65536]))
                 loss = tf.reduce_mean(losses)
             optimizer.apply(tape.gradient(loss, variables), variables)
             loss_sum += tf.reduce_sum(losses)
-            correct += tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, axis=1, output_type=tf.int32), yb), tf.float32))
-        return loss_sum / n, correct / n
+            correct += tf.reduce_sum(tf.cast(tf.equal(predicted, yb), tf.float32))
+        # Validation in the same graph call: scoring 5,000 rows eagerly cost more Python than arithmetic.
+        val = tf.concat([core(x_val[i:i + PREDICT_ROWS], training=False)
+                         for i in range(0, views * n_val, PREDICT_ROWS)], axis=0)
+        return loss_sum / n, correct / n, val
 
     train_epoch = tf.function(train_epoch, jit_compile=jit_compile)
     predict = _predictor(core)
@@ -531,8 +557,9 @@ def fit_keras(model, prepared: Prepared, data: HeadData, config: HeadConfig, log
     callbacks.on_train_begin()
     for epoch in range(config.epochs):
         callbacks.on_epoch_begin(epoch)
-        loss, accuracy = train_epoch(tf.constant(rng.permutation(n).astype(np.int32)), x, y)
-        val_probs = predict(prepared.x_val).mean(axis=0)
+        loss, accuracy, val = train_epoch(tf.constant(rng.permutation(n).astype(np.int32)), x, y, x_val,
+                                          tf.constant(rng.integers(2**62), tf.int64))
+        val_probs = np.asarray(val).reshape(views, n_val, -1).mean(axis=0)
         logs = {"loss": float(loss), "accuracy": float(accuracy), "val_loss": _log_loss(data.y_val, val_probs),
                 "val_accuracy": float(np.mean(val_probs.argmax(axis=1) == data.y_val)),
                 "learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate))}
@@ -672,8 +699,8 @@ def fit_head(data: HeadData, config: HeadConfig, prepared: Optional[Prepared] = 
         prepared = prepare(data, Standardizer.from_layer(layer))
     else:
         prepared = prepared or prepare(data)
-        if prepared.x_train.shape[-1] != data.width:
-            raise FeatcacheError(f"Prepared features have width {prepared.x_train.shape[-1]}, the data {data.width}.")
+        if prepared.data is not data:
+            raise FeatcacheError("The prepared features were standardised from other data than the head trains on.")
     if config.kind == "logreg" and not config.init:
         model, extra["logreg"] = fit_logreg(prepared, data, config, log)
         history, best, epochs_run, by_view = {}, None, None, None

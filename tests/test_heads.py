@@ -156,6 +156,15 @@ def test_standardizer_matches_float64_statistics_despite_a_large_offset():
         Standardizer.fit(x[:0])
 
 
+def test_training_tensor_equals_the_numpy_standardisation():
+    rng = np.random.default_rng(1)
+    train = feature_set(40 + 3 * rng.normal(size=(60, 5)), np.arange(60) % 3, np.arange(60))
+    test = feature_set(rng.normal(size=(9, 5)), np.arange(9) % 3, np.arange(9), split="test")
+    prepared = prepare(assemble({"orig": [train]}, {"orig": [test]}, 0.2, 0))
+    np.testing.assert_allclose(prepared.train_tensor.numpy(), prepared.x_train, rtol=1e-6, atol=1e-6)
+    assert abs(prepared.x_train.mean()) < 1e-5 and prepared.x_val.shape[1:] == (12, 5)
+
+
 def test_constant_feature_is_centred_not_scaled():
     x = np.ones((50, 3), dtype=np.float16)
     x[:, 1] = np.arange(50)
