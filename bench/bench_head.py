@@ -74,7 +74,7 @@ import numpy as np  # noqa: E402
 
 VARIANTS = ("loop", "loop-jit", "fit", "fit-fast", "floor")
 # Where an epoch of the loop goes: each runs only the training steps, timed per epoch after tracing.
-PARTS = ("floor", "grads-only", "no-bn-dropout", "sgd", "adam", "torch")
+PARTS = ("floor", "grads-only", "no-bn-dropout", "sgd", "keras-adam", "adam", "torch")
 
 
 def synthetic(rows: int, test_rows: int, width: int, classes: int, seed: int = 0):
@@ -132,13 +132,15 @@ def keras_part(part: str, x: np.ndarray, y: np.ndarray, epochs: int, config) -> 
     """The loop's training steps (shuffled gathers, forward, backward, update) with one thing changed.
 
     grads-only: the product mlp, gradients computed and summed but never applied;
-    no-bn-dropout: Dense+ReLU layers of the same widths, Adam; sgd: the product mlp, plain SGD;
-    adam: the product mlp and optimizer, i.e. the loop's epoch without validation.
+    no-bn-dropout: Dense+ReLU layers of the same widths, Keras' Adam; sgd: the product mlp, plain SGD;
+    keras-adam: the product mlp through Keras' own training call, Keras' Adam (the loop's step until 2026-11-25);
+    adam: the product mlp and optimizer on ``featcache.training_step``, i.e. the loop's epoch without validation.
     """
     import keras
     import tensorflow as tf
 
     from featcache import heads
+    from featcache.training_step import FusedAdam, training_forward, training_loss
 
     classes = int(y.max()) + 1
     if part == "no-bn-dropout":
@@ -151,9 +153,10 @@ def keras_part(part: str, x: np.ndarray, y: np.ndarray, epochs: int, config) -> 
         identity = heads.Standardizer(np.zeros(x.shape[1]), np.ones(x.shape[1]))
         _, core = heads._core(heads.build_head("mlp", x.shape[1], classes, identity, config.units, config.dropout))
     variables = core.trainable_variables
-    optimizer = (keras.optimizers.SGD(config.learning_rate) if part == "sgd"
-                 else heads.make_optimizer("adam", config.learning_rate))
+    optimizer = {"sgd": keras.optimizers.SGD, "keras-adam": keras.optimizers.Adam,
+                 "no-bn-dropout": keras.optimizers.Adam}.get(part, FusedAdam)(config.learning_rate)
     optimizer.build(variables)
+    fused = training_forward(core)
     n = x.shape[0]
     steps = -(-n // config.batch_size)
     bounds = tf.constant(np.rint(np.linspace(0, n, steps + 1)).astype(np.int32))
@@ -166,7 +169,11 @@ def keras_part(part: str, x: np.ndarray, y: np.ndarray, epochs: int, config) -> 
             rows = order[bounds[step]:bounds[step + 1]]
             xb, yb = tf.gather(x, rows), tf.gather(y, rows)
             with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(yb, core(xb, training=True)))
+                if part in ("keras-adam", "no-bn-dropout"):
+                    loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(yb, core(xb, training=True)))
+                else:
+                    seed = tf.stack([tf.constant(7, tf.int64), tf.cast(step, tf.int64) * 65536])
+                    loss = tf.reduce_mean(training_loss(fused, xb, yb, seed)[0])
             grads = tape.gradient(loss, variables)
             if part == "grads-only":
                 total += tf.add_n([tf.reduce_sum(g) for g in grads])
