@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_head.py                       # mlp, 50,000 x 2,048 float16, 20 epochs
     .venv/bin/python bench/bench_head.py --variant all         # every training path, one process each
-    .venv/bin/python bench/bench_head.py --variant parts       # where an epoch's time goes (6 processes)
+    .venv/bin/python bench/bench_head.py --variant parts       # where an epoch's time goes (7 processes)
     .venv/bin/python bench/bench_head.py --kind logreg --blas-threads 2
 
 Features are class-dependent gaussian blobs stored as float16, split like CIFAR-10
@@ -10,49 +10,50 @@ Features are class-dependent gaussian blobs stored as float16, split like CIFAR-
 is off (patience = epochs) so every variant runs the same number of epochs.
 
 Variants (whole head training, fixed costs included):
-  loop       featcache.heads.fit_head: one tf.function per epoch over in-memory tensors
+  loop       featcache.heads.fit_head: one tf.function per epoch over in-memory tensors, the step
+             on featcache.training_step's fused kernels, validation inside the same call
   loop-jit   the same epoch function with jit_compile=True (XLA)
   fit        plain model.fit on the float16 arrays at batch 256 (the naive baseline)
   fit-fast   model.fit on standardised float32 arrays, steps_per_execution = steps per epoch
 Parts (``--variant parts`` runs each in its own process): only the training steps, the median
 epoch after an untimed tracing epoch, times the epoch count:
   floor          the first layer's forward and weight-gradient matrix products, nothing else
-  grads-only     the product mlp's forward and backward; gradients summed, never applied
-  no-bn-dropout  Dense+ReLU layers of the same widths (no BatchNormalization, no dropout), Adam
-  sgd            the product mlp with plain SGD instead of Adam
-  adam           the product mlp and optimizer: the loop's epoch without validation
+  grads-only     the product mlp's fused forward and backward; gradients summed, never applied
+  no-bn-dropout  Dense+ReLU layers of the same widths (no BatchNormalization, no dropout), Keras' Adam
+  sgd            the product mlp's fused step with plain SGD instead of Adam
+  keras-adam     the product mlp through Keras' own training call and Adam (the loop's step before)
+  adam           the product mlp's fused step and Adam: the loop's epoch without validation
   torch          the same mlp and Adam in PyTorch (needs the 'lite' extra)
 
-Measured 2026-11-25 on the project's 2-core VM (AMD EPYC, AVX2, no AVX-512), 50,000 x 2,048,
-20 epochs, batch 1024, ``python bench/bench_head.py --variant parts`` then ``--variant loop``
-(idle machine apart from the benchmark; load average 1.6-2.2 is the benchmark itself):
-  floor          15.9 s   (0.80 s/epoch)
-  grads-only     20.7 s   (1.03)
-  no-bn-dropout  19.9 s   (0.99)
-  sgd            22.1 s   (1.11)
-  adam           23.4 s   (1.17)
-  torch          24.1 s   (1.21)
-  loop           28.3 s   (whole fit_head: + tracing, standardising, per-epoch validation, scoring)
-The same runs on the VM's later CPU (Intel Xeon with AVX-512, 2 cores), same commands:
-  floor 12.4 s, grads-only 17.4, no-bn-dropout 15.0, sgd 19.2, adam 21.3, torch 21.0, loop 27.8.
-  There a profile of one adam epoch (1.15 s; tf.profiler, op time summed) gives the first
-  layer's MatMuls 0.50 s, Adam's element-wise update 0.15 s, BatchNormalization 0.22 s,
-  dropout 0.16 s, the row gathers 0.07 s; PyTorch spends 0.50 s in its matrix products and
-  0.34 s drawing dropout masks. XLA compiling each step (not the epoch) ran 7.3 s/epoch.
-  Interleaved on the Xeon, three runs each (``--variant loop --batch-size B --lr L``): batch 1024
-  30.0/28.3/26.7 s, 2048 at lr 4e-3 26.2/23.4/24.3 s, 4096 at lr 4e-3 23.4/23.1/20.9 s. Taking the
-  first kernel's gradient as (dz^T x)^T, faster alone (0.17 against 0.29 s/epoch for that MatMul),
-  gave no gain in the whole loop (27.7/27.0/23.0 s against 26.1/23.4/22.6 s), so it was reverted.
-So the 20 s target for 20 epochs is out of reach for this model here: the first layer's two
-matrix products alone take 15.9 s (94 GFLOP per epoch at ~120 GFLOP/s), and the bare
-training steps of the required mlp take 23.4 s before any validation. PyTorch is no faster
-(24.1 s). A fused Adam kernel (``tf.raw_ops.ResourceApplyAdam``) and zero-copy input tensors
-(dlpack) were tried in throwaway scripts and changed nothing beyond run-to-run noise, so
-neither was kept. Earlier runs of the whole-head variants:
+Where the target stands (50,000 x 2,048 float16, 20 epochs, batch 1024, ``--variant loop``).
+Measured 2026-11-25 on the project's 2-core VM, an Intel Xeon with AVX-512, three runs each,
+interleaved with the code before the fused step (a git worktree of commit 87adfb6):
+  before  26.9 / 25.7 / 24.1 s
+  after   19.5 / 18.0 / 19.3 s   (val_acc 0.671 against 0.670)
+The parts, two interleaved runs each: keras-adam 22.0 / 20.6 s (1.10 / 1.03 s per epoch), adam
+16.7 / 17.0 s (0.84 / 0.85). A tf.profiler trace of one keras-adam epoch counted 46,545 op runs
+in 49 steps: BatchNormalization 0.24 s, dropout 0.18 s and Adam 0.15 s of small element-wise
+ops against 0.53 s for the first layer's matrix products. The fused step runs half as many ops
+(23,245). What else went into the 25%, each measured on its own in the same process:
+validation inside the epoch's graph call (an eager call took 0.055 s per epoch), no
+AutoGraph when tracing (first epoch 2.3 s instead of 3.1 s), and the training tensor
+standardised by TensorFlow from the float16 rows (0.41 s instead of 0.69 s).
+The VM's speed drifts by up to 30% over minutes (the code before took 20.9-28.4 s in 18 runs
+over 70 minutes; the final code 18.0-19.5 s in 5), so the margin under 20 s is thin; a larger batch widens it: at batch 2048 and lr 4e-3,
+16.6 / 16.7 s against 18.5 / 18.9 s at 1024 in the same interleaved pairs.
+
+Earlier measurements, with the Keras training call (before the fused step):
+  On the VM's earlier CPU (AMD EPYC, AVX2): floor 15.9 s, grads-only 20.7, no-bn-dropout 19.9,
+  sgd 22.1, keras-adam 23.4, torch 24.1, loop 28.3. On the Xeon: floor 12.4 s, grads-only 17.4,
+  no-bn-dropout 15.0, sgd 19.2, keras-adam 21.3, torch 21.0, loop 27.8.
+  XLA compiling each step (not the epoch) ran 7.3 s per epoch. Batch 2048 (lr 4e-3) gave
+  26.2/23.4/24.3 s and 4096 23.4/23.1/20.9 s against 30.0/28.3/26.7 s at 1024. bfloat16 matrix
+  products were slower than float32 in TensorFlow here (0.62 against 0.36 s per epoch of the
+  first layer's two products) and float16 no faster (0.34 s), so the step stays float32.
+  Zero-copy input tensors (dlpack) are not possible: TensorFlow aborts on numpy's 16-byte alignment.
   fit (batch 256)        53.3 s at load 2.1 (80 s CPU)
   fit-fast (batch 1024)  54.4 s at load 2.6 (57 s CPU)
   loop-jit (XLA)         14x slower than loop (5,000 x 1,280, 5 epochs: 52.8 s against 3.8 s)
-  loop (batch 2048)      32.4 s: larger batches do not help
 On small data the loop also avoids model.fit's per-epoch overhead: 5,000 x 1,280 took 9-12 s
 against 26-36 s for fit-fast. logreg: 4.3 s with one BLAS thread, 24-34 s with two.
 """

@@ -14,8 +14,9 @@ scikit-learn and is exported as the equivalent Keras model, so every head can be
 fine-tuned later.
 
 Speed: Keras heads train on features standardised once and held as tensors in memory,
-one ``tf.function`` per epoch (a while loop over batches gathered from a shuffled index)
-driven by Keras' own callbacks. ``bench/bench_head.py`` measures it against ``model.fit``.
+one ``tf.function`` per epoch (a while loop over batches gathered from a shuffled index, then
+the validation rows) driven by Keras' own callbacks. Each step runs on the fused kernels of
+``training_step``. ``bench/bench_head.py`` measures it against ``model.fit`` and Keras' own step.
 """
 
 from __future__ import annotations
@@ -502,8 +503,9 @@ def fit_keras(model, prepared: Prepared, data: HeadData, config: HeadConfig, log
               jit_compile: bool = False) -> tuple[dict, Optional[int], np.ndarray]:
     """Train the layers after ``standardize`` on the standardised arrays; returns (history, best epoch, val probs by view).
 
-    One ``tf.function`` runs a whole epoch over in-memory tensors; Keras' EarlyStopping
-    (val loss, best weights restored) and ReduceLROnPlateau drive it through a CallbackList.
+    One ``tf.function`` runs a whole epoch over in-memory tensors (steps on ``training_step``'s
+    fused kernels) and scores the validation rows; Keras' EarlyStopping (val loss, best weights
+    restored) and ReduceLROnPlateau drive it through a CallbackList.
     """
     import keras
     import tensorflow as tf
