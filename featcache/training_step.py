@@ -97,48 +97,64 @@ def _dropout(h, rate: float, seed):
     """Inverted dropout from 16-bit uniform draws, two per Philox word: half the random numbers of
     ``tf.nn.experimental.stateless_dropout``, which took 0.11 s per epoch for the mlp's three layers
     (with their ReLU, forward and backward, in a micro-benchmark) where this takes 0.07 s.
-    The rate is rounded to a multiple of 1/65536 (0.5 exactly); survivors scale by 1 / (1 - rate) as in Keras."""
+    The rate is rounded to a multiple of 1/65536 (0.5 exactly) and survivors scale by the inverse
+    of the keep probability drawn, so the expected output equals the input as in Keras."""
     channels = h.shape[-1]
+    dropped = min(65535, max(1, round(rate * 65536)))  # draws below this are dropped
     words = tf.random.stateless_uniform([tf.shape(h)[0], (channels + 1) // 2], seed, minval=None, maxval=None,
                                         dtype=tf.uint32)
     draws = tf.reshape(tf.bitcast(words, tf.uint16), [-1, 2 * ((channels + 1) // 2)])[:, :channels]
-    keep = draws >= tf.constant(min(65535, round(rate * 65536)), tf.uint16)
-    return h * tf.where(keep, tf.constant(1.0 / (1.0 - rate), h.dtype), tf.constant(0.0, h.dtype))
+    keep = draws >= tf.constant(dropped, tf.uint16)
+    return h * tf.where(keep, tf.constant(65536 / (65536 - dropped), h.dtype), tf.constant(0.0, h.dtype))
+
+
+def _fusable_batch_norm(layer, h) -> bool:
+    return (layer.trainable and layer.axis in (-1, 1) and len(h.shape) == 2 and h.shape[-1] is not None
+            and not getattr(layer, "renorm", False) and not getattr(layer, "synchronized", False))
 
 
 def training_forward(core) -> Forward:
     """``forward(x, seed)``: ``core(x, training=True)``, on fused kernels where the layer allows.
 
     Returns logits (``from_logits`` True) when the last layer is a softmax Dense, so the loss
-    is the fused softmax cross-entropy; dropout masks come from ``seed``, one stream per layer.
+    is the fused softmax cross-entropy. Each dropout layer draws its mask from ``seed`` folded
+    with the layer's position. The core's input is data: it gets no gradient.
+    A model that is not a chain of float32 layers without LoRA or quantisation (a
+    mixed-precision policy, say) runs its own call: the same math, without the fused kernels.
     """
     layers = _chain(core)
-    if layers is None:  # not a chain of layers: the model's own call, same math
+    if layers is None or not all(_plain(layer) for layer in layers):
         return lambda x, seed: (core(x, training=True), False)
     last = layers[-1]
-    from_logits = isinstance(last, keras.layers.Dense) and last.activation is keras.activations.softmax
+    # Exact types: a subclass may override ``call``, and then only its own call computes it.
+    from_logits = type(last) is keras.layers.Dense and last.activation is keras.activations.softmax
 
     def forward(x, seed):
         h = x
         for i, layer in enumerate(layers):
-            if not _plain(layer):
-                h = layer(h, training=True)
-            elif isinstance(layer, keras.layers.Dense):
+            kind = type(layer)
+            if kind is keras.layers.Dense:
                 h = _dense(layer, h, data_input=i == 0, logits=from_logits and layer is last)
-            elif isinstance(layer, keras.layers.BatchNormalization) and layer.trainable and layer.axis in (-1, 1) \
-                    and len(h.shape) == 2 and not layer.renorm and not getattr(layer, "synchronized", False):
+            elif kind is keras.layers.BatchNormalization and _fusable_batch_norm(layer, h):
                 h = _batch_norm(layer, h)
-            elif isinstance(layer, keras.layers.Activation) and layer.activation is keras.activations.relu:
+            elif kind is keras.layers.Activation and layer.activation is keras.activations.relu:
                 h = tf.nn.relu(h)
-            elif isinstance(layer, keras.layers.Dropout) and layer.noise_shape is None and len(h.shape) == 2 \
-                    and h.shape[-1] is not None:
-                if layer.rate > 0:
-                    h = _dropout(h, float(layer.rate), seed + tf.constant([0, i], tf.int64))
+            elif kind is keras.layers.Dropout and layer.rate == 0:
+                pass
+            elif kind is keras.layers.Dropout and layer.noise_shape is None and 0 < layer.rate < 1 \
+                    and len(h.shape) == 2 and h.shape[-1] is not None:
+                h = _dropout(h, float(layer.rate), tf.random.experimental.stateless_fold_in(seed, i))
             else:
                 h = layer(h, training=True)
         return h, from_logits
 
     return forward
+
+
+@tf.function(autograph=False)
+def standardize(x, mean, scale):
+    """float32 (x - mean) / scale, as ``heads.Standardizer.transform`` and the ``Normalization`` layer compute it."""
+    return (tf.cast(x, tf.float32) - mean) / scale
 
 
 def training_loss(forward: Forward, x, y, seed):
