@@ -39,7 +39,8 @@ validation inside the epoch's graph call (an eager call took 0.055 s per epoch),
 AutoGraph when tracing (first epoch 2.3 s instead of 3.1 s), and the training tensor
 standardised by TensorFlow from the float16 rows (0.41 s instead of 0.69 s).
 The VM's speed drifts by up to 30% over minutes (the code before took 20.9-28.4 s in 18 runs
-over 70 minutes; the final code 18.0-19.5 s in 5), so the margin under 20 s is thin; a larger batch widens it: at batch 2048 and lr 4e-3,
+over 70 minutes; the fused step 18.0-25.3 s, median 19.6 s, in 14 runs over 50 minutes, 8 of
+them at or under 20 s), so the margin under 20 s is thin; a larger batch widens it: at batch 2048 and lr 4e-3,
 16.6 / 16.7 s against 18.5 / 18.9 s at 1024 in the same interleaved pairs.
 
 Earlier measurements, with the Keras training call (before the fused step):
