@@ -151,7 +151,7 @@ def training_forward(core) -> Forward:
     return forward
 
 
-@tf.function(autograph=False)
+@tf.function(autograph=False, reduce_retracing=True)  # one trace for any row count, not one per dataset
 def standardize(x, mean, scale):
     """float32 (x - mean) / scale, as ``heads.Standardizer.transform`` and the ``Normalization`` layer compute it."""
     return (tf.cast(x, tf.float32) - mean) / scale
