@@ -115,7 +115,7 @@ def featcache_extract(args: dict) -> dict:
     """featcache's extractor on the same images (an .npz), train split only, with the given engine."""
     from featcache import engines
     from featcache.cache import read_attrs
-    from featcache.extract import ExtractOptions, extract
+    from featcache.extraction import ExtractOptions, extract
     from featcache.settings import FeatureSettings
 
     stamps: list[tuple[float, int]] = []

@@ -7,6 +7,11 @@ Public API (imported lazily so that ``import featcache`` does not import TensorF
     featcache.finetune(...)                          # stage 3: backbone + head, end to end
     featcache.create_backbone(name, weights, input_size)
     featcache.list_backbones(); featcache.load_dataset(source)
+    featcache.predict(model_path, images)
+
+No public name is also the name of a submodule (the modules are ``extraction``,
+``finetuning``, ``prediction``...): importing a submodule sets it as an attribute
+of the package, which would replace a function of the same name.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "extract": "featcache.extract",
-    "ExtractOptions": "featcache.extract",
+    "extract": "featcache.extraction",
+    "ExtractOptions": "featcache.extraction",
     "FeatureSettings": "featcache.settings",
     "create_backbone": "featcache.backbones",
     "list_backbones": "featcache.backbones",
@@ -27,9 +32,10 @@ _LAZY = {
     "load_features": "featcache.cache",
     "train_head": "featcache.heads",
     "HeadConfig": "featcache.heads",
-    "finetune": "featcache.finetune",
-    "FinetuneConfig": "featcache.finetune",
+    "finetune": "featcache.finetuning",
+    "FinetuneConfig": "featcache.finetuning",
     "FeatcacheError": "featcache.errors",
+    "predict": "featcache.prediction",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

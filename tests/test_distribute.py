@@ -20,7 +20,7 @@ from conftest import make_npz
 from featcache.cache import load_features
 from featcache.distribute import Cluster, check_strategy, cluster_from_env, shard_bounds
 from featcache.errors import FeatcacheError, InvalidArgument
-from featcache.extract import ExtractOptions, extract
+from featcache.extraction import ExtractOptions, extract
 from featcache.settings import FeatureSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ MIRRORED = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from featcache.distribute import Distribution
-    from featcache.extract import ExtractOptions, extract
+    from featcache.extraction import ExtractOptions, extract
     from featcache.settings import FeatureSettings
     assert len(Distribution("mirrored").strategy().extended.worker_devices) == 2
     settings = FeatureSettings(backbone="resnet50", weights="none", data=sys.argv[1], size=32, dtype="float32",

@@ -6,7 +6,7 @@ from featcache import engines
 from featcache.cache import load_features
 from featcache.engines import KerasEngine, TFLiteEngine, make_engine, resolve_engine, tflite_path
 from featcache.errors import InvalidArgument
-from featcache.extract import ExtractOptions, extract
+from featcache.extraction import ExtractOptions, extract
 from featcache.settings import FeatureSettings
 
 

@@ -9,7 +9,7 @@ import featcache.backbones
 from featcache.cache import PartStore, load_features
 from featcache.datasets import load_dataset
 from featcache.errors import FeatcacheError, InvalidArgument
-from featcache.extract import ExtractOptions, extract, make_stream
+from featcache.extraction import ExtractOptions, extract, make_stream
 from featcache.settings import FeatureSettings
 
 QUIET = ExtractOptions(progress=False, batch_size=4, chunk_rows=8)

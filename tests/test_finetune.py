@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from conftest import make_image_folder
 
-import featcache.finetune as ft
+import featcache.finetuning as ft
 from featcache.errors import FeatcacheError, InvalidArgument
-from featcache.extract import ExtractOptions, extract
+from featcache.extraction import ExtractOptions, extract
 from featcache.report import list_runs, runs_table
 from featcache.settings import FeatureSettings
 
@@ -137,7 +137,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
-from featcache.finetune import FinetuneConfig, finetune
+from featcache.finetuning import FinetuneConfig, finetune
 from featcache.settings import FeatureSettings
 
 class Kill(keras.callbacks.Callback):

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from featcache.errors import FeatcacheError, InvalidArgument
-from featcache.finetune import FinetuneConfig, Source, build_model
-from featcache.predict import Predictor, load_model, predict, read_image
+from featcache.finetuning import FinetuneConfig, Source, build_model
+from featcache.prediction import Predictor, load_model, predict, read_image
 
 CLASSES = ["cat", "dog", "frog"]
 

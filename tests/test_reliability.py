@@ -22,7 +22,7 @@ from conftest import make_npz
 
 from featcache.cache import check, load_features, lock_for
 from featcache.errors import FeatcacheError
-from featcache.extract import ExtractOptions, extract
+from featcache.extraction import ExtractOptions, extract
 from featcache.settings import FeatureSettings
 
 BACKBONE = "mobilenetv2"  # quick to build

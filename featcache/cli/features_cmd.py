@@ -31,7 +31,7 @@ def features(
                                                "(one process per worker, TF_CONFIG).")] = "none",
 ) -> None:
     """Run the frozen backbone once over the dataset and cache pooled features (HDF5)."""
-    from ..extract import ExtractOptions, extract
+    from ..extraction import ExtractOptions, extract
 
     settings = feature_settings(backbone, weights, data, size, pooling, dtype, cache_dir, views, skip_corrupt)
     options = ExtractOptions(splits=tuple(s.strip() for s in split.split(",") if s.strip()), batch_size=batch_size,

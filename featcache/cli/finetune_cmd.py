@@ -44,7 +44,7 @@ def finetune(
     seed: Annotated[int, typer.Option(help="Seed for shuffling and augmentation.")] = 0,
 ) -> None:
     """Fine-tune backbone + head end to end, starting from a head trained on the cache."""
-    from ..finetune import FinetuneConfig, finetune as run_finetune
+    from ..finetuning import FinetuneConfig, finetune as run_finetune
 
     settings = feature_settings(backbone, weights, data, size, pooling, dtype, cache_dir, views, skip_corrupt)
     defaults = FinetuneConfig()
@@ -74,7 +74,7 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes to show per image.")] = 3,
 ) -> None:
     """Print the top-k classes with probabilities for each image."""
-    from ..predict import predict as run_predict
+    from ..prediction import predict as run_predict
 
     for result in run_predict(model, images, top_k=top_k):
         shown = "  ".join(f"{name} {p:.3f}" for name, p in zip(result.classes, result.probabilities))
