@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import FeatcacheError, InvalidArgument, choice_error
 from .heads import OPTIMIZERS, load_head as load_head_model, make_optimizer as head_optimizer
-from .preprocessing import Preprocess  # noqa: F401  (registered: loading a fine-tuned model needs it)
+from .layers import ClassNames, InferenceMode, Preprocess
 from .settings import FeatureSettings
 
 # Check (1): cached features are float16 by default (about 3 significant digits), and
@@ -71,44 +71,6 @@ class FinetuneConfig:
         skip = ("epochs", "verbose", "patience", "export", "strategy")
         fields = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
-
-
-# --- serializable model pieces -------------------------------------------------------
-
-
-@keras.saving.register_keras_serializable(package="featcache")
-class InferenceMode(keras.layers.Wrapper):
-    """Runs the wrapped backbone with ``training=False`` whatever the outer call says.
-
-    In Keras 3 a nested functional model called with ``training=False`` at build
-    time still receives the outer ``training=True`` during ``fit``; this wrapper
-    keeps BatchNormalization (and stochastic depth) in inference mode, as the
-    Keras transfer-learning guide intends, while gradients still flow.
-    """
-
-    def call(self, inputs, training=None):
-        return self.layer(inputs, training=False)
-
-    def compute_output_shape(self, input_shape):
-        return self.layer.compute_output_shape(input_shape)
-
-
-@keras.saving.register_keras_serializable(package="featcache")
-class ClassNames(keras.layers.Layer):
-    """Identity on the probabilities; carries the class names inside the saved model for ``predict``."""
-
-    def __init__(self, class_names: Sequence[str], **kwargs):
-        super().__init__(**kwargs)
-        self.class_names = [str(c) for c in class_names]
-
-    def call(self, inputs):
-        return inputs
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "class_names": list(self.class_names)}
 
 
 # --- arguments -----------------------------------------------------------------------
@@ -426,22 +388,22 @@ def _same_cache(run, settings: FeatureSettings) -> bool:
 
 def select_head_run(settings: FeatureSettings, run_id: Optional[str]):
     """The head run ``run_id`` (id, unique part of one, or folder), or the best head on validation for this cache."""
-    from . import report
+    from . import runs
 
     if run_id:
-        run = report.load_run(settings.cache_dir, run_id)
+        run = runs.load_run(settings.cache_dir, run_id)
         if run.kind != "head":
             raise FeatcacheError(f"Run {run.run_id} is a {run.kind} run; fine-tuning starts from a head run "
                                  f"(see `featcache runs`).")
         if not (run.path / "head.keras").exists():
             raise FeatcacheError(f"Run {run.run_id} has no head.keras in {run.path}.")
         return run
-    candidates = [run for run in report.list_runs(settings.cache_dir, kind="head")
+    candidates = [run for run in runs.list_runs(settings.cache_dir, kind="head")
                   if (run.path / "head.keras").exists() and _same_cache(run, settings)]
     if not candidates:
         raise FeatcacheError(
             f"No head run on the {settings.backbone} cache of {settings.data} in "
-            f"{report.runs_root(settings.cache_dir)}; train one first: "
+            f"{runs.runs_root(settings.cache_dir)}; train one first: "
             f"{settings.make_command().replace('make features', 'make head', 1)}")
     return candidates[0]  # list_runs sorts by validation accuracy, best first
 
@@ -499,9 +461,9 @@ def validation_settings(run) -> tuple[float, int]:
 def work_dir_for(settings: FeatureSettings, head_run, config: FinetuneConfig) -> Path:
     """Where an unfinished run keeps its backup, logs and history: hidden (``list_runs`` skips it) and
     named after the head run and the training settings, so the same call finds it again to resume."""
-    from . import report
+    from . import runs
 
-    return report.runs_root(settings.cache_dir) / f".finetune-{head_run.run_id}-{config.training_digest()}"
+    return runs.runs_root(settings.cache_dir) / f".finetune-{head_run.run_id}-{config.training_digest()}"
 
 
 def _open_work_dir(work_dir: Path) -> bool:
@@ -517,12 +479,12 @@ def _open_work_dir(work_dir: Path) -> bool:
 def finish_run(work_dir: Path, settings: FeatureSettings, config: FinetuneConfig, model, record: dict,
                class_names: list[str], val: tuple, test: tuple, log: Callable[[str], None]) -> dict:
     """The finished run folder, written through ``featcache.report`` (staged, renamed when whole)."""
-    from . import report
+    from . import report, runs
 
-    run_id = report.new_run_id("finetune", record["backbone"])
-    final = report.runs_root(settings.cache_dir) / run_id
+    run_id = runs.new_run_id("finetune", record["backbone"])
+    final = runs.runs_root(settings.cache_dir) / run_id
     history = _history(work_dir / "history.csv")
-    with report.staged_run_dir(final) as tmp:
+    with runs.staged_run_dir(final) as tmp:
         model.save(tmp / "model.keras")
         if config.export:
             model.export(str(tmp / "saved_model"), verbose=False)

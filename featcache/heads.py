@@ -34,7 +34,8 @@ import numpy as np
 
 from .cache import FeatureSet
 from .errors import FeatcacheError, InvalidArgument, choice_error
-from .report import Run, load_run, new_run_id, read_run, runs_root, staged_run_dir, write_run
+from .report import write_run
+from .runs import Run, load_run, new_run_id, read_run, runs_root, staged_run_dir
 from .settings import VIEWS, FeatureSettings
 
 KINDS = ("logreg", "linear", "mlp")

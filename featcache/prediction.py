@@ -36,7 +36,7 @@ def load_model(path: Union[str, Path]):
                              "`featcache finetune` (model.keras in its run folder).")
     import keras
 
-    from . import finetuning  # noqa: F401  (registers Preprocess, InferenceMode and ClassNames)
+    from . import layers as _layers  # noqa: F401  (registers Preprocess, InferenceMode and ClassNames)
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many types for foreign or broken files

@@ -7,7 +7,6 @@ compares their outputs.
 
 from __future__ import annotations
 
-import keras
 import tensorflow as tf
 
 from .backbones import get_spec
@@ -47,26 +46,3 @@ def prepare_batch(images: tf.Tensor, backbone: str, size: int, view: str = "orig
 def preprocess_fn(backbone: str):
     """The backbone's ``preprocess_input``, kept out of AutoGraph (it is plain tensor arithmetic)."""
     return tf.autograph.experimental.do_not_convert(get_spec(backbone).preprocess)
-
-
-@keras.saving.register_keras_serializable(package="featcache")
-class Preprocess(keras.layers.Layer):
-    """Resize + the backbone's preprocessing inside a model: raw RGB pixels in [0, 255] in.
-
-    Saved with the fine-tuned model so that ``predict`` feeds it raw images of any size.
-    """
-
-    def __init__(self, backbone: str, size: int, **kwargs):
-        super().__init__(**kwargs)
-        self.backbone = get_spec(backbone).name
-        self.size = int(size)
-
-    def call(self, images):
-        return prepare_batch(images, self.backbone, self.size)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.size, self.size, 3)
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "backbone": self.backbone, "size": self.size}
-

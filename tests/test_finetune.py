@@ -21,7 +21,8 @@ from conftest import make_image_folder
 import featcache.finetuning as ft
 from featcache.errors import FeatcacheError, InvalidArgument
 from featcache.extraction import ExtractOptions, extract
-from featcache.report import list_runs, runs_table
+from featcache.report import runs_table
+from featcache.runs import list_runs
 from featcache.settings import FeatureSettings
 
 ROOT = Path(__file__).resolve().parents[1]

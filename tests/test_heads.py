@@ -20,7 +20,7 @@ from featcache.heads import (HeadConfig, Standardizer, assemble, concat_backbone
                              load_head_data, parse_units, prepare, resolve_init, sweep, train_head,
                              validate_config)
 from featcache.lookup import match_attrs
-from featcache.report import list_runs
+from featcache.runs import list_runs
 from featcache.settings import FeatureSettings
 
 CLASSES = ["cat", "dog", "frog"]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from featcache.errors import FeatcacheError, InvalidArgument
-from featcache.report import (evaluate, list_runs, load_run, new_run_id, runs_root, runs_table, staged_run_dir,
-                              write_run)
+from featcache.report import evaluate, runs_table, write_run
+from featcache.runs import list_runs, load_run, new_run_id, runs_root, staged_run_dir
 
 NAMES = ["cat", "dog", "frog"]
 

@@ -76,6 +76,7 @@ def runs(
     kind: Annotated[Optional[str], typer.Option("--kind", help="Only 'head' or 'finetune' runs.")] = None,
 ) -> None:
     """All head and fine-tune runs, best validation accuracy first."""
-    from ..report import list_runs, runs_table
+    from ..report import runs_table
+    from ..runs import list_runs
 
     typer.echo(runs_table(list_runs(cache_dir, kind=kind)))
