@@ -9,11 +9,9 @@ a ``<name>.parts/`` folder, so a killed run resumes from the last chunk.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
-import shutil
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from . import fsio
 from .errors import FeatcacheError
 
 SCHEMA_VERSION = 1
@@ -78,38 +77,26 @@ class FeatureSet:
         return int(self.features.shape[1])
 
 
+# The name every cache file gets from ``FeatureKey.filename``; ``cache rm`` only deletes files named so.
+_FILENAME = re.compile(r"^.+-\d+-[^-]+-[^-]+-[0-9a-f]{12}\.h5$")
+
+
 def _rebuild_hint(path: Path, attrs: Optional[dict] = None) -> str:
     if attrs and "make_command" in attrs:
         return f"`featcache cache rm {path}` then `{attrs['make_command']}`"
-    return f"`featcache cache rm {path}` then the `make features` call that created it"
+    if attrs:
+        return f"`featcache cache rm {path}` then the `make features` call that created it"
+    # Without featcache's attributes nothing proves the file is ours: never suggest that featcache delete it.
+    return "if featcache wrote it, move it aside and rerun the `make features` call that created it"
 
 
 # --- writing -------------------------------------------------------------------
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable; best effort where directories cannot be fsynced."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _disk_error(exc: BaseException, path: Path, what: str) -> FeatcacheError:
+    return fsio.disk_error(exc, path, what, _RESUME_HINT)
 
 
-def _disk_error(exc: OSError, path: Path, what: str) -> FeatcacheError:
-    if exc.errno == errno.ENOSPC:
-        reason = "the disk is full"
-    elif exc.errno in (errno.EACCES, errno.EPERM):
-        reason = "permission denied"
-    elif exc.errno == errno.EROFS:
-        reason = "the file system is read-only"
-    else:
-        reason = f"{exc.strerror or exc}"
-    return FeatcacheError(f"Cannot write {what} {path}: {reason}.")
+_RESUME_HINT = "Chunks already written are kept; free space or fix the folder, then rerun the same command to resume."
 
 
 class HDF5Writer:
@@ -123,19 +110,24 @@ class HDF5Writer:
         import h5py
 
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.tmp = fsio.temporary_name(self.path)
         self.n_rows, self.width, self.dtype = n_rows, width, dtype
         self.rows = 0
+        self._file = None
         self._hashes = {name: hashlib.sha256() for name in ARRAYS}
+        fsio.make_dirs(self.path.parent, "cache folder")
+        # h5py meets a full disk with a RuntimeError mid-flush (and has crashed the process doing so):
+        # refuse up front when the file cannot fit, so that case never starts.
+        fsio.require_space(self.path.parent, expected_bytes(n_rows, width, dtype), f"cache file {self.path.name}",
+                           _RESUME_HINT)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = h5py.File(self.tmp, "w")
             chunk_rows = max(1, min(n_rows, (1 << 20) // max(1, width * np.dtype(dtype).itemsize)))
             self._file.create_dataset("features", (n_rows, width), dtype=dtype, chunks=(chunk_rows, width))
             self._file.create_dataset("labels", (n_rows,), dtype="int64")
             self._file.create_dataset("indices", (n_rows,), dtype="int64")
-        except OSError as exc:
-            self._discard()
+        except (OSError, RuntimeError) as exc:
+            self.abort()
             raise _disk_error(exc, self.path, "cache file") from None
 
     def append(self, features: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
@@ -149,7 +141,7 @@ class HDF5Writer:
             for name, array in arrays.items():
                 self._file[name][self.rows:self.rows + n] = array
                 self._hashes[name].update(memoryview(array).cast("B"))
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             self.abort()
             raise _disk_error(exc, self.path, "cache file") from None
         self.rows += n
@@ -168,27 +160,26 @@ class HDF5Writer:
             self._file.attrs["complete"] = 1
             self._file.flush()
             self._file.close()
-            with open(self.tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(self.tmp, self.path)
-            fsync_dir(self.path.parent)
-        except OSError as exc:
+            self._file = None
+            fsio.publish(self.tmp, self.path)
+        except (OSError, RuntimeError) as exc:
             self.abort()
             raise _disk_error(exc, self.path, "cache file") from None
         return self.path
 
     def abort(self) -> None:
-        try:
-            self._file.close()
-        except Exception:
-            pass
-        self._discard()
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception:  # a file whose last write failed may not close cleanly; it is discarded anyway
+                pass
+            self._file = None
+        fsio.discard(self.tmp)
 
-    def _discard(self) -> None:
-        try:
-            self.tmp.unlink()
-        except OSError:
-            pass
+
+def expected_bytes(n_rows: int, width: int, dtype: str) -> int:
+    """What a cache file of this shape takes on disk: the arrays plus a little HDF5 overhead."""
+    return n_rows * (width * np.dtype(dtype).itemsize + 16) + (256 << 10)
 
 
 def write_features(path: Union[str, Path], features: np.ndarray, labels: np.ndarray, indices: np.ndarray,
@@ -264,10 +255,10 @@ class PartStore:
                 if old != self.meta:
                     self.discarded = {k: old.get(k, "absent") for k in sorted(set(old) | set(self.meta))
                                       if old.get(k) != self.meta.get(k)}
-                    shutil.rmtree(self.dir)
-            self.dir.mkdir(parents=True, exist_ok=True)
+                    fsio.remove_owned(self.dir, self.dir.parent, "parts folder")
+            fsio.make_dirs(self.dir, "extraction folder")
             if not meta_path.exists():
-                _atomic_write_bytes(meta_path, json.dumps(self.meta, sort_keys=True).encode())
+                fsio.write_bytes(meta_path, json.dumps(self.meta, sort_keys=True).encode(), "extraction settings")
         except OSError as exc:
             raise _disk_error(exc, self.dir, "extraction folder") from None
         done = 0
@@ -284,12 +275,7 @@ class PartStore:
 
         buffer = io.BytesIO()
         np.savez(buffer, features=features, labels=labels, indices=indices)
-        try:
-            _atomic_write_bytes(self.dir / self._name(i), buffer.getvalue())
-        except OSError as exc:
-            raise FeatcacheError(
-                f"{_disk_error(exc, self.dir / self._name(i), 'chunk')} "
-                f"Chunks already written are kept; rerun the same command to resume.") from None
+        fsio.write_bytes(self.dir / self._name(i), buffer.getvalue(), "chunk", _RESUME_HINT)
 
     def load(self, i: int) -> dict:
         """Chunk ``i``; a damaged one is deleted with every later chunk, so a rerun extracts them again."""
@@ -300,7 +286,7 @@ class PartStore:
         except Exception as exc:  # zipfile, OSError, KeyError, ValueError: all mean a damaged chunk
             later = sorted(p for p in self.dir.glob("chunk-*.npz") if p.name >= path.name)
             for chunk in later:
-                chunk.unlink(missing_ok=True)
+                fsio.remove_owned(chunk, self.dir, "damaged chunk")
             raise DamagedChunk(f"Chunk {path} of an interrupted extraction is unreadable ({type(exc).__name__}: "
                                f"{exc}); removed it and {len(later) - 1} later chunk(s): rerun the same command "
                                "to extract them again.") from None
@@ -312,27 +298,13 @@ class PartStore:
         if final_path is not None:
             stale += list(final_path.parent.glob(f".{final_path.name}.*.tmp"))
         for path in stale:
-            path.unlink(missing_ok=True)
+            fsio.remove_owned(path, path.parent.parent, "temporary file")
         return len(stale)
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
+        """Drop the folder once its chunks are in the final file."""
+        if self.dir.is_dir():
+            fsio.remove_owned(self.dir, self.dir.parent, "parts folder")
 
 
 def lock_for(path: Path):
@@ -351,6 +323,8 @@ def read_attrs(path: Union[str, Path]) -> dict:
     path = Path(path)
     if not path.exists():
         raise FeatcacheError(f"Cache file {path} does not exist.")
+    if path.is_dir():
+        raise FeatcacheError(f"{path} is a folder, not a cache file.")
     try:
         with h5py.File(path, "r") as fh:
             attrs = {k: _plain(v) for k, v in fh.attrs.items()}
@@ -489,8 +463,36 @@ def find(cache_dir: Union[str, Path], match: dict) -> list[Path]:
     return found
 
 
+def owned_cache(cache_dir: Union[str, Path], key_or_path: str) -> Path:
+    """The cache file ``key_or_path`` names, proven featcache's own before anything deletes it.
+
+    Ours means: inside ``cache_dir``, named as featcache names cache files, and
+    opening with featcache's schema attributes whose key matches the name.
+    Anything else is refused, untouched.
+    """
+    cache_dir = Path(cache_dir)
+    if not str(key_or_path).strip():
+        raise FeatcacheError("Give a cache key, file name or path (see `featcache cache ls`).")
+    path = resolve(cache_dir, key_or_path)
+    refuse = f"Refusing to delete {path}:"
+    if not fsio.is_inside(path, cache_dir):
+        raise FeatcacheError(f"{refuse} it is not inside the cache folder {cache_dir} (featcache deletes only its "
+                             "own files there; pass --cache-dir if the cache lives elsewhere).")
+    if path.is_dir() or not _FILENAME.match(path.name):
+        raise FeatcacheError(f"{refuse} it is not named like a featcache cache file (<backbone>-<size>-<split>-"
+                             "<view>-<key>.h5).")
+    try:
+        attrs = read_attrs(path)
+    except FeatcacheError as exc:
+        raise FeatcacheError(f"{refuse} it does not open as a featcache cache ({exc}).") from None
+    if not path.name.endswith(f"-{attrs.get('key')}.h5"):
+        raise FeatcacheError(f"{refuse} its recorded key {attrs.get('key')!r} does not match its name.")
+    return path
+
+
 def remove(path: Path) -> list[Path]:
-    """Delete a cache file with its leftovers (parts folder, temporaries), under the key's lock.
+    """Delete a cache file ``owned_cache`` accepted, with its leftovers (parts folder, temporaries), under
+    the key's lock.
 
     The lock file itself stays: deleting it would let a later process lock a new
     file while a writer still holds the old one.
@@ -507,18 +509,11 @@ def remove(path: Path) -> list[Path]:
         raise _disk_error(exc, path.parent, "lock in") from None
     try:
         removed = []
-        if path.exists():
-            path.unlink()
-            removed.append(path)
+        root = path.parent
         parts = path.with_name(path.name + ".parts")
-        if parts.exists():
-            shutil.rmtree(parts)
-            removed.append(parts)
-        for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-            tmp.unlink()
-            removed.append(tmp)
+        for target in [path, parts, *fsio.stale_temporaries(path)]:
+            if fsio.remove_owned(target, root, "cache leftover"):
+                removed.append(target)
         return removed
-    except OSError as exc:
-        raise FeatcacheError(f"Cannot remove {path}: {exc.strerror or exc}.") from None
     finally:
         lock.release()

@@ -259,8 +259,8 @@ def _extract_shard(runner, engine, part: _Part, data: "Split", key: "FeatureKey"
                    final_path: Optional[Path] = None) -> None:
     """This worker's rows into its part folder (resumable), then its done marker; the chief, which holds
     the key's lock, passes ``final_path`` so a killed merge's temp files are cleared too."""
-    from .cache import _atomic_write_bytes
     from .datasets import Split
+    from .fsio import write_json
 
     store = part.store
     done = runner.open_store(store, final_path)
@@ -275,8 +275,8 @@ def _extract_shard(runner, engine, part: _Part, data: "Split", key: "FeatureKey"
         if first:
             runner.log(f"resuming shard {start}..{stop} of {data.name} at row {start + first}")
         runner._run(engine, shard, key, store, done, first, chunk_rows)
-    _atomic_write_bytes(store.dir / DONE_FILE, json.dumps(
-        {"shard": [start, stop], "chunks": math.ceil(len(shard) / chunk_rows)}).encode())
+    write_json(store.dir / DONE_FILE, {"shard": [start, stop], "chunks": math.ceil(len(shard) / chunk_rows)},
+               "shard marker")
 
 
 def _merge(runner, path: Path, key: "FeatureKey", dataset: "Dataset", data: "Split", parts: list,

@@ -107,7 +107,9 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(fh.fileno())
 
 
-def _discard(tmp: Path) -> None:
+def discard(tmp: Path) -> None:
+    """Remove a temporary this process made (file or folder); never raises."""
+    tmp = Path(tmp)
     try:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -132,7 +134,7 @@ def atomic_path(path: PathLike, what: str, hint: str = "", replace: bool = True)
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise disk_error(exc, path, what, hint) from None
-    _discard(tmp)
+    discard(tmp)
     try:
         yield tmp
         if not tmp.exists():
@@ -145,16 +147,52 @@ def atomic_path(path: PathLike, what: str, hint: str = "", replace: bool = True)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except FeatcacheError:
-        _discard(tmp)
+        discard(tmp)
         raise
     except OSError as exc:
-        _discard(tmp)
+        discard(tmp)
         raise disk_error(exc, path, what, hint) from None
     except BaseException as exc:
-        _discard(tmp)
+        discard(tmp)
         if isinstance(exc, RuntimeError) and nearly_full(path.parent):  # h5py reports ENOSPC this way
             raise disk_error(exc, path, what, hint) from None
         raise
+
+
+def publish(tmp: PathLike, path: PathLike) -> Path:
+    """fsync a finished temporary (file or folder) and rename it to ``path``; OSErrors propagate."""
+    tmp, path = Path(tmp), Path(path)
+    _fsync_tree(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
+def free_bytes(folder: PathLike) -> Optional[int]:
+    """Free space on the file system holding ``folder`` (or its nearest existing parent); None if unknown."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def require_space(folder: PathLike, needed: int, what: str, hint: str = "") -> None:
+    """Refuse, before writing anything, a write of ``needed`` bytes that cannot fit."""
+    free = free_bytes(folder)
+    if free is not None and free < needed:
+        raise DiskError(f"Cannot write {what} in {folder}: it needs about {human_bytes(needed)} and the disk has "
+                        f"{human_bytes(free)} free. {hint}".strip())
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
 
 
 def write_bytes(path: PathLike, data: bytes, what: str = "file", hint: str = "") -> Path:

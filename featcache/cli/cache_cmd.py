@@ -87,7 +87,7 @@ def verify(
 @cache_app.command()
 def rm(target: Target, cache_dir: CacheDir = "cache") -> None:
     """Remove one cache file with its lock and any unfinished parts."""
-    from ..cache import remove, resolve
+    from ..cache import owned_cache, remove
 
-    for removed in remove(resolve(cache_dir, target)):
+    for removed in remove(owned_cache(cache_dir, target)):
         typer.echo(f"removed {removed}")
