@@ -483,8 +483,8 @@ def owned_cache(cache_dir: Union[str, Path], key_or_path: str) -> Path:
                              "<view>-<key>.h5).")
     try:
         attrs = read_attrs(path)
-    except FeatcacheError as exc:
-        raise FeatcacheError(f"{refuse} it does not open as a featcache cache ({exc}).") from None
+    except FeatcacheError:
+        raise FeatcacheError(f"{refuse} it does not open as a featcache cache (no readable schema attributes).") from None
     if not path.name.endswith(f"-{attrs.get('key')}.h5"):
         raise FeatcacheError(f"{refuse} its recorded key {attrs.get('key')!r} does not match its name.")
     return path
