@@ -20,8 +20,9 @@ EPOCHS ?=
 LR ?=
 RUN ?=
 
-FEATURE_ARGS = --backbone $(BACKBONE) --weights $(WEIGHTS) --data $(DATA) --cache-dir $(CACHE_DIR) \
-	--views $(VIEWS) $(if $(SIZE),--size $(SIZE))
+# Path variables are quoted so that folders with spaces or non-ASCII names work in every target.
+FEATURE_ARGS = --backbone "$(BACKBONE)" --weights "$(WEIGHTS)" --data "$(DATA)" --cache-dir "$(CACHE_DIR)" \
+	--views "$(VIEWS)" $(if $(SIZE),--size $(SIZE))
 
 .PHONY: install test features head sweep finetune bench demo clean
 
@@ -49,14 +50,15 @@ bench:
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 # Offline end to end on scikit-learn's digits with EfficientNet-Lite0 ImageNet weights (pip-installed).
-DEMO_ARGS = --backbone efficientnet_lite0 --weights imagenet --data digits --size 128 --cache-dir $(CACHE_DIR)
+DEMO_ARGS = --backbone efficientnet_lite0 --weights imagenet --data digits --size 128 --cache-dir "$(CACHE_DIR)"
 demo:
 	$(FC) features $(DEMO_ARGS) --no-progress
 	$(FC) head $(DEMO_ARGS) --head logreg
 	$(FC) head $(DEMO_ARGS) --head mlp --epochs 30
 	$(FC) finetune $(DEMO_ARGS) --epochs 1 --max-steps 25 --unfreeze top:20 --no-export
-	$(FC) runs --cache-dir $(CACHE_DIR)
+	$(FC) runs --cache-dir "$(CACHE_DIR)"
 
+# Removes only what featcache made inside CACHE_DIR (and refuses an empty, root, home or project CACHE_DIR).
 clean:
-	rm -rf .pytest_cache build *.egg-info
-	find $(CACHE_DIR) -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
+	rm -rf .pytest_cache build
+	$(FC) clean --cache-dir "$(CACHE_DIR)"

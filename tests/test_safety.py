@@ -105,3 +105,74 @@ def test_info_and_verify_do_not_suggest_rm_for_a_foreign_file(tmp_path, cache_di
             assert "cache rm" not in result.stdout + result.stderr, (command, path)
     folder = one_error(run("cache", "info", str(decoys["folder"]), "--cache-dir", str(cache_dir)))
     assert "is a folder" in folder
+
+
+def _make(*args):
+    return subprocess.run(["make", "-C", str(ROOT), "--no-print-directory", f"FC={sys.executable} -m featcache",
+                           *args], capture_output=True, text=True, timeout=300)
+
+
+def _populate(cache_dir: Path) -> tuple[list[Path], list[Path]]:
+    """featcache artefacts (to go) and decoys (to stay) in one cache folder."""
+    ours = [_real_cache(cache_dir)]
+    base = cache_dir / KEY.filename
+    for suffix in (".lock", ".parts"):
+        ours.append(base.with_name(base.name + suffix))
+    ours[2].mkdir()
+    (ours[2] / "meta.json").write_text("{}")
+    ours[1].write_text("")
+    ours.append(cache_dir / f".{KEY.filename}.123.tmp")
+    ours[-1].write_bytes(b"half")
+    run_dir = cache_dir / "runs" / "20261204-000000-mlp-abc"
+    run_dir.mkdir(parents=True)
+    (run_dir / "record.json").write_text("{}")
+    extracted = cache_dir / "datasets" / "cifar-0123456789"
+    extracted.mkdir(parents=True)
+    (extracted / ".featcache-extracted").write_text("x")
+    ours += [run_dir, extracted]
+    decoys = [cache_dir / "my-notes.txt", cache_dir / "runs" / "my-run-notes", cache_dir / "datasets" / "photos",
+              cache_dir / "resnet50-32-train-orig-0123456789ab.h5"]
+    for decoy in decoys:
+        decoy.parent.mkdir(parents=True, exist_ok=True)
+        if decoy.suffix:
+            decoy.write_text("mine")
+        else:
+            decoy.mkdir()
+            (decoy / "precious.jpg").write_bytes(b"jpeg")
+    return ours, decoys
+
+
+@pytest.mark.parametrize("folder_name", ["cache", "my cache é"])
+def test_make_clean_removes_only_featcache_artefacts(tmp_path, folder_name):
+    cache_dir = tmp_path / folder_name
+    cache_dir.mkdir()
+    (cache_dir / ".gitkeep").write_text("")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("mine")
+    ours, decoys = _populate(cache_dir)
+    result = _make("clean", f"CACHE_DIR={cache_dir}")
+    assert result.returncode == 0, result.stderr
+    assert [p for p in ours if p.exists()] == []
+    assert all(p.exists() for p in decoys) and outside.exists() and (cache_dir / ".gitkeep").exists()
+    assert "kept" in result.stdout and "my-notes.txt" in result.stdout
+
+
+@pytest.mark.parametrize("value, message", [
+    ("", "CACHE_DIR is empty"), ("/", "root or a home folder"), ("~", "root or a home folder"),
+    (str(ROOT), "project folder"), ("/nonexistent-cache", "does not exist"),
+])
+def test_make_clean_refuses_folders_that_are_not_cache_folders(value, message):
+    before = sorted(p.name for p in ROOT.iterdir())
+    result = _make("clean", f"CACHE_DIR={value}")
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in ROOT.iterdir()) == before and (ROOT / ".git").exists()
+
+
+def test_clean_leaves_a_key_that_is_being_written(cache_dir):
+    path = _real_cache(cache_dir)
+    with cache.lock_for(path):
+        from featcache.cleaning import clean
+
+        report = clean(cache_dir)
+    assert path.exists() and path in report.busy

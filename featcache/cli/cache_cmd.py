@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import FeatcacheError
-from .app import cache_app
+from .app import app, cache_app
 from .options import CacheDir
 
 Target = Annotated[str, typer.Argument(help="A cache key (as in `cache ls`), file name or path.")]
@@ -91,3 +91,21 @@ def rm(target: Target, cache_dir: CacheDir = "cache") -> None:
 
     for removed in remove(owned_cache(cache_dir, target)):
         typer.echo(f"removed {removed}")
+
+
+@app.command()
+def clean(cache_dir: Annotated[str, typer.Option("--cache-dir", help="The cache folder to empty.")] = "cache") -> None:
+    """Remove what featcache made in a cache folder (caches, parts, locks, runs, engines, datasets, weights).
+
+    Anything featcache does not recognise as its own is kept and listed.
+    """
+    from ..cleaning import clean as clean_folder
+
+    report = clean_folder(cache_dir)
+    for path in report.removed:
+        typer.echo(f"removed {path}")
+    for path in report.busy:
+        typer.echo(f"in use  {path} (another featcache process holds its lock; kept)")
+    for path in report.kept:
+        typer.echo(f"kept    {path} (not featcache's)")
+    typer.echo(f"{len(report.removed)} removed, {len(report.kept) + len(report.busy)} kept in {cache_dir}")
