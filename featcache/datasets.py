@@ -12,12 +12,14 @@ import hashlib
 import json
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 
+from . import fsio
 from .errors import FeatcacheError, InvalidArgument
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -25,7 +27,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # to wrong colours without an error and refuses 1-bit ones, so other readable
 # images are converted once to PNG under the cache folder (measured on TF 2.21).
 _TF_NATIVE = {"JPEG": None, "MPO": None, "PNG": None, "GIF": None, "BMP": ("RGB",)}  # MPO: phone JPEGs
-_SCAN_VERSION = 3
+_SCAN_VERSION = 4
+# A label this large is a data error (ids, not class indices), not a 100,001-class problem.
+MAX_CLASSES = 100_000
 SPLITS = ("train", "test")
 BUILTIN = ("cifar10", "digits")
 
@@ -80,14 +84,25 @@ def load_dataset(source: Union[str, os.PathLike], cache_dir: Union[str, os.PathL
             "(train/<class>/*, test/<class>/*), a .tar.gz of one, or an .npz file."
         )
     if path.is_dir():
-        return _load_folder(path, Path(cache_dir), skip_corrupt, source=text)
-    if path.name.endswith((".tar.gz", ".tgz", ".tar")):
-        return _load_folder(_extract_archive(path, Path(cache_dir)), Path(cache_dir), skip_corrupt, source=text)
-    if path.suffix == ".npz":
-        return _load_npz(path)
-    raise InvalidArgument(
-        f"Unsupported dataset file {text!r}; expected a folder, a .tar.gz/.tgz/.tar archive or an .npz file."
-    )
+        dataset = _load_folder(path, Path(cache_dir), skip_corrupt, source=text)
+    elif path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        dataset = _load_folder(_extract_archive(path, Path(cache_dir)), Path(cache_dir), skip_corrupt, source=text)
+    elif path.suffix == ".npz":
+        dataset = _load_npz(path)
+    else:
+        raise InvalidArgument(
+            f"Unsupported dataset file {text!r}; expected a folder, a .tar.gz/.tgz/.tar archive or an .npz file.")
+    return _learnable(dataset)
+
+
+def _learnable(dataset: Dataset) -> Dataset:
+    """Refuse data no classifier head can learn from, before anything is extracted for it."""
+    classes = np.unique(dataset.splits["train"].labels)
+    if classes.size < 2:
+        only = dataset.class_names[int(classes[0])] if classes.size else "none"
+        raise FeatcacheError(f"{dataset.source} has a single training class ({only}); a classifier needs at "
+                             "least two.")
+    return dataset
 
 
 def validation_split(labels: np.ndarray, fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -220,19 +235,38 @@ def _load_npz(path: Path) -> Dataset:
             raise FeatcacheError(f"{path}: x_{name} has {x.shape[0]} images but y_{name} has {y.shape[0]} labels.")
         if x.shape[0] == 0:
             raise FeatcacheError(f"{path}: x_{name} holds no images.")
-        if not np.issubdtype(y.dtype, np.integer):
-            if not np.all(np.isfinite(y)) or not np.all(np.equal(np.mod(y, 1), 0)):
-                raise FeatcacheError(f"{path}: y_{name} holds non-integer labels.")
-        if y.min() < 0:
-            raise FeatcacheError(f"{path}: y_{name} holds a negative label ({int(y.min())}).")
+        y = _integer_labels(y, f"{path}: y_{name}")
         if n_classes is not None and y.max() >= n_classes:
             raise FeatcacheError(
                 f"{path}: y_{name} holds label {int(y.max())}, out of range for {n_classes} class_names.")
         label_max = max(label_max, int(y.max()))
         splits[name] = _split(name, _as_rgb_uint8(x, f"{path}: x_{name}"), y)
+    present = np.unique(splits["train"].labels)
     if n_classes is None:
+        if label_max + 1 > present.size:
+            raise FeatcacheError(
+                f"{path}: labels run up to {label_max} but y_train holds {present.size} distinct label(s); without "
+                "a class_names array, labels must be 0..K-1 with every class in y_train.")
         class_names = [str(i) for i in range(label_max + 1)]
+    missing = sorted(set(range(len(class_names))) - set(present.tolist()))
+    if missing:
+        raise FeatcacheError(f"{path}: class(es) {', '.join(class_names[i] for i in missing[:5])} have no training "
+                             "images; a head cannot learn a class it never sees.")
     return Dataset(str(path), class_names, splits)
+
+
+def _integer_labels(y: np.ndarray, what: str) -> np.ndarray:
+    """Labels as int64, or an error saying why they are not class indices."""
+    if y.dtype == np.bool_ or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise FeatcacheError(f"{what} holds {y.dtype} values; labels must be integer class indices 0..K-1.")
+    if np.issubdtype(y.dtype, np.floating):
+        if not np.all(np.isfinite(y)) or not np.all(np.equal(np.mod(y, 1), 0)):
+            raise FeatcacheError(f"{what} holds non-integer labels; labels must be integer class indices 0..K-1.")
+    if y.min() < 0:
+        raise FeatcacheError(f"{what} holds a negative label ({int(y.min())}).")
+    if y.max() >= MAX_CLASSES:
+        raise FeatcacheError(f"{what} holds label {int(y.max())}; featcache takes at most {MAX_CLASSES} classes.")
+    return y.astype(np.int64)
 
 
 def _as_rgb_uint8(x: np.ndarray, what: str) -> np.ndarray:
@@ -241,9 +275,7 @@ def _as_rgb_uint8(x: np.ndarray, what: str) -> np.ndarray:
     if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
         raise FeatcacheError(f"{what} has shape {x.shape}; expected (N, H, W), (N, H, W, 1), (N, H, W, 3) or (N, H, W, 4).")
     if x.dtype != np.uint8:
-        if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)) or x.min() < 0 or x.max() > 255:
-            raise FeatcacheError(f"{what} must hold pixel values in [0, 255] (uint8 or float); it does not.")
-        x = np.rint(x).astype(np.uint8)
+        x = _pixels_as_uint8(x, what)
     if x.shape[-1] == 1:
         x = np.repeat(x, 3, axis=-1)
     elif x.shape[-1] == 4:
@@ -251,49 +283,85 @@ def _as_rgb_uint8(x: np.ndarray, what: str) -> np.ndarray:
     return x
 
 
+def _pixels_as_uint8(x: np.ndarray, what: str) -> np.ndarray:
+    """The accepted ranges: integers in [0, 255] as they are; floats in [0, 1] scaled by 255 (the
+    convention of ``x / 255.0``); floats in [0, 255] rounded. Anything else is refused."""
+    if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise FeatcacheError(f"{what} holds {x.dtype} values; images must be uint8 or float pixels.")
+    if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+        raise FeatcacheError(f"{what} holds NaN or infinite pixel values.")
+    low, high = float(x.min()), float(x.max())
+    if low < 0 or high > 255:
+        raise FeatcacheError(f"{what} holds pixel values from {low:g} to {high:g}; accepted are integers or floats "
+                             "in [0, 255], or floats in [0, 1].")
+    if np.issubdtype(x.dtype, np.floating) and high <= 1.0:
+        x = x * 255.0
+    return np.rint(x).astype(np.uint8)
+
+
 # --- image folders ----------------------------------------------------------------
 
+def _file_identity(path: Path) -> str:
+    """Size, times and inode: ``cp -p`` keeps size and mtime but gives a new ctime, so rewritten
+    content is noticed and hashed again."""
+    st = os.stat(path)
+    return f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}"
+
+
 def _extract_archive(archive: Path, cache_dir: Path) -> Path:
-    """Extract once into ``cache_dir/datasets/<name>-<hash>``; a marker file says it finished."""
-    stat = archive.stat()
-    tag = hashlib.sha256(f"{archive.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    """Extract once into ``cache_dir/datasets/<name>-<hash>``; the folder appears only when complete."""
+    tag = hashlib.sha256(f"{archive.resolve()}\0{_file_identity(archive)}".encode()).hexdigest()[:10]
     stem = archive.name.split(".")[0]
     target = cache_dir / "datasets" / f"{stem}-{tag}"
     marker = target / ".featcache-extracted"
     if marker.exists():
-        return _folder_root(target)
+        return _folder_root(target, archive)
     from filelock import FileLock
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    fsio.make_dirs(target.parent, "dataset folder")
+    try:
+        lock = FileLock(str(target) + ".lock")
+        lock.acquire()
+    except OSError as exc:
+        raise fsio.disk_error(exc, target.parent, "lock in") from None
+    try:
         if marker.exists():
-            return _folder_root(target)
-        tmp = target.with_name(target.name + ".tmp")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
+            return _folder_root(target, archive)
+        for stale in fsio.stale_temporaries(target) + ([target] if target.exists() else []):
+            fsio.remove_owned(stale, target.parent, "unfinished extraction")  # ours, killed before its marker
         try:
             with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+                members = tar.getmembers()
+                fsio.require_space(target.parent, sum(m.size for m in members) + (1 << 20),
+                                   f"the extracted {archive.name}")
+                with fsio.atomic_path(target, "extracted dataset") as tmp:
+                    tar.extractall(tmp, members=members, filter="data")
+                    (tmp / ".featcache-extracted").write_text(str(archive.resolve()))
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
             raise FeatcacheError(f"Cannot extract {archive}: {type(exc).__name__}: {exc}") from None
-        (tmp / ".featcache-extracted").write_text(str(archive.resolve()))
-        os.replace(tmp, target)
-    return _folder_root(target)
+        except OSError as exc:
+            raise fsio.disk_error(exc, target, "extracted dataset") from None
+    finally:
+        lock.release()
+    return _folder_root(target, archive)
 
 
-def _folder_root(path: Path) -> Path:
-    """The folder holding train/ and test/, possibly one level down in an archive."""
+def _folder_root(path: Path, archive: Optional[Path] = None) -> Path:
+    """The folder holding train/ and test/: the top, or the one top-level folder of an archive that has them
+    (beside e.g. ``__MACOSX/``)."""
     if (path / "train").is_dir():
         return path
-    subdirs = [p for p in path.iterdir() if p.is_dir()]
-    if len(subdirs) == 1 and (subdirs[0] / "train").is_dir():
-        return subdirs[0]
-    raise FeatcacheError(f"{path} holds no train/ folder; expected train/<class>/* and test/<class>/*.")
+    candidates = [p for p in path.iterdir() if p.is_dir() and (p / "train").is_dir()]
+    if len(candidates) == 1:
+        return candidates[0]
+    shown = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()
+                             if p.name != ".featcache-extracted")[:6]) or "nothing"
+    where = f"{archive} (extracted to {path})" if archive else str(path)
+    if len(candidates) > 1:
+        raise FeatcacheError(f"{where} has {len(candidates)} top-level folders with a train/ folder "
+                             f"({', '.join(p.name for p in candidates)}); keep one dataset per archive.")
+    raise FeatcacheError(f"{where} holds no train/ folder at its top or one level down (it holds {shown}); "
+                         "expected train/<class>/* and test/<class>/*.")
 
 
 def _scan_cache_path(root: Path, cache_dir: Path) -> Path:
@@ -372,13 +440,7 @@ def _convert_to_png(path: str, digest: str, target: Path) -> None:
         raise
     except Exception as exc:  # PIL raises many types for bad files
         raise FeatcacheError(f"Cannot convert {path} to PNG: {type(exc).__name__}: {exc}") from None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(buffer.getvalue())
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise FeatcacheError(f"Cannot write a converted copy of {path} to {target}: {exc.strerror or exc}.") from None
+    fsio.write_bytes(target, buffer.getvalue(), f"a converted copy of {path} at")
 
 
 def _load_folder(root: Path, cache_dir: Path, skip_corrupt: bool, source: str) -> Dataset:
@@ -387,8 +449,7 @@ def _load_folder(root: Path, cache_dir: Path, skip_corrupt: bool, source: str) -
     signature = hashlib.sha256(f"scan v{_SCAN_VERSION}\n".encode())
     for split in SPLITS:
         for path, label in listing[split]:
-            st = os.stat(path)
-            signature.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            signature.update(f"{path}\0{label}\0{_file_identity(Path(path))}\n".encode())
     signature = signature.hexdigest()
     scan_path = _scan_cache_path(root, cache_dir)
     scan = None
@@ -440,7 +501,4 @@ def _load_folder(root: Path, cache_dir: Path, skip_corrupt: bool, source: str) -
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    fsio.write_bytes(path, json.dumps(obj).encode(), "dataset scan")

@@ -97,10 +97,7 @@ def fsync_dir(path: PathLike) -> None:
 
 def _fsync_tree(path: Path) -> None:
     if path.is_dir():
-        for child in path.rglob("*"):
-            if child.is_file() and not child.is_symlink():
-                with open(child, "rb") as fh:
-                    os.fsync(fh.fileno())
+        os.sync()  # one call for a folder of any size (an extracted dataset holds 60,000 files)
         fsync_dir(path)
     else:
         with open(path, "rb") as fh:

@@ -40,6 +40,43 @@ def test_tar_gz_extracted_once(tmp_path, cache_dir):
     assert extracted[0].stat().st_mtime_ns == mtime
 
 
+def test_tar_with_an_extra_top_level_folder(tmp_path, cache_dir):
+    folder = make_image_folder(tmp_path / "src")
+    (tmp_path / "__MACOSX").mkdir()
+    (tmp_path / "__MACOSX" / "._x").write_bytes(b"junk")
+    archive = tmp_path / "mac.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="tiny")
+        tar.add(tmp_path / "__MACOSX", arcname="__MACOSX")
+    assert len(load_dataset(archive, cache_dir)["train"]) == 18
+    empty = tmp_path / "empty.tar.gz"
+    with tarfile.open(empty, "w:gz") as tar:
+        tar.add(tmp_path / "__MACOSX", arcname="__MACOSX")
+    with pytest.raises(FeatcacheError, match=r"no train/ folder at its top or one level down \(it holds __MACOSX/\)"):
+        load_dataset(empty, cache_dir)
+
+
+def test_content_rewritten_with_cp_p_is_noticed(image_folder, cache_dir):
+    import os
+    import shutil
+
+    first = load_dataset(image_folder, cache_dir)["train"].fingerprint
+    target = sorted((image_folder / "train" / "cat").iterdir())[0]
+    other = sorted((image_folder / "train" / "dog").iterdir())[0]
+    st = target.stat()
+    data = bytearray(target.read_bytes())
+    replacement = tmp = target.with_name("replacement" + target.suffix)
+    shutil.copyfile(other, tmp)
+    if tmp.stat().st_size != st.st_size:  # same size and mtime, other content: flip bytes in a copy instead
+        data[-3] ^= 0xFF
+        tmp.write_bytes(bytes(data))
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    shutil.copy2(replacement, target)  # cp -p: content replaced, size and mtime kept
+    tmp.unlink()
+    assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
+    assert load_dataset(image_folder, cache_dir, skip_corrupt=True)["train"].fingerprint != first
+
+
 def test_non_image_files_ignored_with_count(image_folder, cache_dir):
     (image_folder / "train" / "cat" / "notes.txt").write_text("hello")
     ds = load_dataset(image_folder, cache_dir)
@@ -85,10 +122,43 @@ def test_npz_loads_and_fingerprints(tmp_path, cache_dir):
     ({"y_test": np.array([0, 1, -1, 0, 1, 2])}, "negative label"),
     ({"y_test": np.array([0, 1, 5, 0, 1, 2]), "class_names": np.array(["a", "b", "c"])}, "out of range"),
     ({"x_train": np.zeros((12, 8), np.uint8)}, "shape"),
+    ({"y_train": np.array(list("abcabcabcabc"))}, "labels must be integer class indices"),
+    ({"y_train": (np.arange(12) % 3).astype(complex)}, "complex128 values"),
+    ({"y_train": np.arange(12) % 3 == 0}, "bool values"),
+    ({"y_train": np.arange(12) % 3 + 0.5}, "non-integer labels"),
+    ({"y_train": np.where(np.arange(12) == 0, 50_000, np.arange(12) % 3)}, "labels run up to 50000"),
+    ({"y_train": np.where(np.arange(12) == 0, 1_000_000, np.arange(12) % 3)}, "at most 100000 classes"),
+    ({"y_train": np.zeros(12, int), "y_test": np.zeros(6, int)}, "single training class"),
+    ({"y_train": np.arange(12) % 2, "class_names": np.array(["a", "b", "c"])}, "c have no training images"),
+    ({"x_train": np.full((12, 8, 8, 3), 300.0)}, "from 300 to 300"),
+    ({"x_train": np.full((12, 8, 8, 3), np.nan)}, "NaN"),
+    ({"x_train": np.full((12, 8, 8, 3), "a")}, "images must be uint8 or float"),
 ])
 def test_npz_bad_input(tmp_path, cache_dir, override, message):
     with pytest.raises(FeatcacheError, match=message):
         load_dataset(make_npz(tmp_path / "d.npz", **override), cache_dir)
+
+
+def test_npz_float_ranges_are_defined(tmp_path, cache_dir):
+    rng = np.random.default_rng(0)
+    unit = rng.random((12, 8, 8, 3))
+    ds = load_dataset(make_npz(tmp_path / "unit.npz", x_train=unit), cache_dir)
+    assert np.array_equal(ds["train"].images, np.rint(unit * 255).astype(np.uint8))
+    assert ds["train"].images.max() > 200  # scaled, not rounded to 0/1
+    wide = unit * 255
+    ds = load_dataset(make_npz(tmp_path / "wide.npz", x_train=wide), cache_dir)
+    assert np.array_equal(ds["train"].images, np.rint(wide).astype(np.uint8))
+
+
+def test_single_class_image_folder_is_refused(tmp_path, cache_dir):
+    folder = make_image_folder(tmp_path / "data")
+    import shutil
+
+    for split in ("train", "test"):
+        for extra in sorted((folder / split).iterdir())[1:]:
+            shutil.rmtree(extra)
+    with pytest.raises(FeatcacheError, match="single training class"):
+        load_dataset(folder, cache_dir)
 
 
 def test_npz_greyscale_becomes_rgb(tmp_path, cache_dir):
