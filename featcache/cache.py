@@ -93,7 +93,7 @@ def _rebuild_hint(path: Path, attrs: Optional[dict] = None) -> str:
 # --- writing -------------------------------------------------------------------
 
 def _disk_error(exc: BaseException, path: Path, what: str) -> FeatcacheError:
-    return fsio.disk_error(exc, path, what, _RESUME_HINT)
+    return fsio.disk_error(exc, path, what)
 
 
 _RESUME_HINT = "Chunks already written are kept; free space or fix the folder, then rerun the same command to resume."
@@ -118,8 +118,7 @@ class HDF5Writer:
         fsio.make_dirs(self.path.parent, "cache folder")
         # h5py meets a full disk with a RuntimeError mid-flush (and has crashed the process doing so):
         # refuse up front when the file cannot fit, so that case never starts.
-        fsio.require_space(self.path.parent, expected_bytes(n_rows, width, dtype), f"cache file {self.path.name}",
-                           _RESUME_HINT)
+        fsio.require_space(self.path.parent, expected_bytes(n_rows, width, dtype), f"cache file {self.path.name}")
         try:
             self._file = h5py.File(self.tmp, "w")
             chunk_rows = max(1, min(n_rows, (1 << 20) // max(1, width * np.dtype(dtype).itemsize)))

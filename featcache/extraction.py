@@ -221,9 +221,12 @@ class _Runner:
             raise FeatcacheError(f"{exc} The {n_chunks} extracted chunk(s) stay in {store.dir}; "
                                  "rerun the same command to finish without extracting again.") from None
         store.remove()
-        rate = (n - start) / seconds if seconds > 0 and n > start else float("nan")
+        if n > start and seconds > 0:
+            speed = f"{(n - start) / seconds:.1f} img/s"
+        else:  # every chunk came from the interrupted run: nothing was timed
+            speed = "assembled from the chunks of an interrupted run"
         note = f"; skipped {len(skipped)} unreadable file(s), listed in its skipped_files" if skipped else ""
-        self.log(f"wrote {path} ({n} rows x {width}, {rate:.1f} img/s{note})")
+        self.log(f"wrote {path} ({n} rows x {width}, {speed}{note})")
         return path
 
     def open_store(self, store: PartStore, path: Optional[Path] = None) -> int:

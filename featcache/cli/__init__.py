@@ -22,12 +22,39 @@ from .app import app  # noqa: E402
 __all__ = ["app", "main"]
 
 
+# What an interrupted command leaves behind, and how to go on; one line each.
+_INTERRUPTED = {
+    "features": "finished chunks are kept beside the cache file (<name>.h5.parts); rerun the same command to resume.",
+    "head": "no run was recorded (a run folder appears only once complete); rerun the command to train again.",
+    "finetune": "the last finished epoch is kept in the run's work folder; rerun the same command to resume from it.",
+    "clean": "what was removed is gone, the rest is untouched; rerun `featcache clean` to finish.",
+}
+
+
+class Interrupted(BaseException):
+    """Ctrl-C, raised in place of ``KeyboardInterrupt``, which typer would swallow into a silent exit 130."""
+
+
+def _on_sigint(signum, frame) -> None:
+    raise Interrupted()
+
+
+def _interrupted_line(argv: list[str]) -> str:
+    command = next((a for a in argv if not a.startswith("-")), "")
+    what = _INTERRUPTED.get(command, "nothing was left half-written.")
+    return f"featcache: interrupted{' ' + command if command else ''}: {what}"
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         app()
     except FeatcacheError as exc:
         print(f"featcache: error: {exc}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("featcache: interrupted; finished chunks are kept, rerun the same command to resume.", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the message short
+        print(_interrupted_line(sys.argv[1:]), file=sys.stderr)
         sys.exit(130)
