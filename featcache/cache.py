@@ -20,7 +20,7 @@ from typing import Optional, Union
 import numpy as np
 
 from . import fsio
-from .errors import FeatcacheError
+from .errors import brief, FeatcacheError
 
 SCHEMA_VERSION = 1
 ARRAYS = ("features", "labels", "indices")
@@ -329,7 +329,7 @@ def read_attrs(path: Union[str, Path]) -> dict:
             attrs = {k: _plain(v) for k, v in fh.attrs.items()}
     except OSError as exc:
         raise FeatcacheError(
-            f"Cache file {path} is not a readable HDF5 file ({str(exc).splitlines()[0]}); "
+            f"Cache file {path} is not a readable HDF5 file ({brief(exc)}); "
             f"rebuild it: {_rebuild_hint(path)}.") from None
     if "schema_version" not in attrs or "key" not in attrs:
         raise FeatcacheError(f"{path} is an HDF5 file but not a featcache cache (no schema_version/key attributes).")
@@ -380,7 +380,7 @@ def check(path: Union[str, Path], full: bool = True) -> dict:
                         digest.update(memoryview(np.ascontiguousarray(dset[start:start + _HASH_BLOCK_ROWS])).cast("B"))
                     _check_digest(path, attrs, name, digest.hexdigest())
     except OSError as exc:
-        raise FeatcacheError(f"{path} cannot be read ({str(exc).splitlines()[0]}); rebuild it: {hint}.") from None
+        raise FeatcacheError(f"{path} cannot be read ({brief(exc)}); rebuild it: {hint}.") from None
     return attrs
 
 
@@ -403,7 +403,7 @@ def load_features(path: Union[str, Path], verify: bool = True) -> FeatureSet:
         with h5py.File(path, "r") as fh:
             arrays = {name: fh[name][...] for name in ARRAYS}
     except OSError as exc:
-        raise FeatcacheError(f"{path} cannot be read ({str(exc).splitlines()[0]}); "
+        raise FeatcacheError(f"{path} cannot be read ({brief(exc)}); "
                              f"rebuild it: {_rebuild_hint(path, attrs)}.") from None
     if verify:
         for name, array in arrays.items():

@@ -17,7 +17,7 @@ from . import fsio
 from .cache import _FILENAME, owned_cache
 from .errors import FeatcacheError
 
-_TEMPORARY = re.compile(r"^\..+\.\d+\.tmp$")
+_TEMPORARY = re.compile(r"^\..+\.\d+\.tmp(?:\.weights\.h5)?$")
 _SIDECAR = re.compile(r"^(?P<file>.+\.h5)\.(?:lock|parts|worker\d+\.parts|worker\d+)$")
 _PROJECT_MARKERS = (".git", "pyproject.toml", "setup.py")
 

@@ -20,13 +20,9 @@ from typing import Optional, Union
 import numpy as np
 
 from . import fsio
+from .decoding import IMAGE_EXTENSIONS, check_image, convert_to_png, converted_path
 from .errors import FeatcacheError, InvalidArgument
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-# What tf.io.decode_image reads faithfully (None: any mode). It decodes palette BMPs
-# to wrong colours without an error and refuses 1-bit ones, so other readable
-# images are converted once to PNG under the cache folder (measured on TF 2.21).
-_TF_NATIVE = {"JPEG": None, "MPO": None, "PNG": None, "GIF": None, "BMP": ("RGB",)}  # MPO: phone JPEGs
 _SCAN_VERSION = 4
 # A label this large is a data error (ids, not class indices), not a 100,001-class problem.
 MAX_CLASSES = 100_000
@@ -402,47 +398,6 @@ def _listing(root: Path) -> tuple[dict[str, list[tuple[str, int]]], int, list[st
     return listing, ignored, class_names
 
 
-def _check_image(path: str) -> tuple[Optional[str], bool]:
-    """(why the file does not decode fully or None, whether TensorFlow needs a converted copy)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.size[0] < 1 or img.size[1] < 1:
-                return "empty image", False
-            fmt, mode = img.format, img.mode
-    except Exception as exc:  # PIL raises many types for bad files
-        return f"{type(exc).__name__}: {exc}", False
-    native = fmt in _TF_NATIVE and (_TF_NATIVE[fmt] is None or mode in _TF_NATIVE[fmt])
-    return None, not native
-
-
-def _converted_path(digest: str, cache_dir: Path) -> Path:
-    """Named by the original's content hash, so an edited original never meets a stale copy."""
-    return cache_dir / "datasets" / "converted" / f"{digest[:32]}.png"
-
-
-def _convert_to_png(path: str, digest: str, target: Path) -> None:
-    """An RGB PNG copy of an image TensorFlow cannot decode faithfully, written atomically."""
-    import io
-
-    from PIL import Image
-
-    try:
-        data = Path(path).read_bytes()
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise FeatcacheError(f"{path} changed since it was scanned; run the command again.")
-        with Image.open(io.BytesIO(data)) as img:
-            buffer = io.BytesIO()
-            img.convert("RGB").save(buffer, format="PNG")
-    except FeatcacheError:
-        raise
-    except Exception as exc:  # PIL raises many types for bad files
-        raise FeatcacheError(f"Cannot convert {path} to PNG: {type(exc).__name__}: {exc}") from None
-    fsio.write_bytes(target, buffer.getvalue(), f"a converted copy of {path} at")
-
-
 def _load_folder(root: Path, cache_dir: Path, skip_corrupt: bool, source: str) -> Dataset:
     """Image folder, checked and fingerprinted once; the result is cached by file sizes and times."""
     listing, ignored, class_names = _listing(root)
@@ -464,7 +419,7 @@ def _load_folder(root: Path, cache_dir: Path, skip_corrupt: bool, source: str) -
         scan = {"signature": signature, "bad": {}, "fingerprints": {}, "convert": {}}
         for split in SPLITS:
             for path, _ in listing[split]:
-                problem, convert = _check_image(path)
+                problem, convert = check_image(path)
                 if problem is not None:
                     scan["bad"][path] = problem
                 elif convert:
@@ -481,9 +436,9 @@ def _load_folder(root: Path, cache_dir: Path, skip_corrupt: bool, source: str) -
         raise FeatcacheError(f"Unreadable image {path}: {problem}{more}; fix or remove it, or pass --skip-corrupt.")
     converted = {}
     for path, digest in scan["convert"].items():
-        target = _converted_path(digest, cache_dir.resolve())
+        target = converted_path(digest, cache_dir.resolve())
         if not target.exists():
-            _convert_to_png(path, digest, target)
+            convert_to_png(path, digest, target)
         converted[path] = str(target)
     splits = {}
     for split in SPLITS:

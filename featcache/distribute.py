@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
-from .errors import FeatcacheError, InvalidArgument, choice_error
+from .errors import brief, FeatcacheError, InvalidArgument, choice_error
 
 if TYPE_CHECKING:  # pragma: no cover
     from .cache import FeatureKey
@@ -126,7 +126,7 @@ def make_strategy(name: str):
         try:
             return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
         except RuntimeError as exc:
-            raise FeatcacheError(f"Cannot start MultiWorkerMirroredStrategy ({str(exc).splitlines()[0]}); it must "
+            raise FeatcacheError(f"Cannot start MultiWorkerMirroredStrategy ({brief(exc)}); it must "
                                  "be created before TensorFlow runs any op: start the worker with the "
                                  "featcache CLI or call extract first thing.") from None
     raise choice_error("strategy", STRATEGIES[1:], name)

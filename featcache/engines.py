@@ -34,7 +34,8 @@ from typing import Callable, Optional, Protocol
 
 import numpy as np
 
-from .errors import FeatcacheError, choice_error
+from . import fsio
+from .errors import brief, FeatcacheError, choice_error
 
 ENGINES = ("auto", "keras", "tflite")
 # What 'auto' picks without a GPU: the fastest measured on these machines
@@ -81,7 +82,7 @@ class TFLiteEngine:
         try:
             self._interpreter = interpreter_class(model_path=str(path), num_threads=num_threads or os.cpu_count())
         except (ValueError, RuntimeError) as exc:
-            raise FeatcacheError(f"Cannot load TFLite model {path}: {str(exc).splitlines()[0]}; "
+            raise FeatcacheError(f"Cannot load TFLite model {path}: {brief(exc)}; "
                                  f"delete it to convert again.") from None
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
@@ -172,20 +173,7 @@ def convert_to_tflite(model, path: Path) -> Path:
         raise FeatcacheError(f"TFLite conversion of {model.name} failed ({type(exc).__name__}); "
                              f"use --engine keras.") from None
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(flatbuffer)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise FeatcacheError(f"Cannot write TFLite model {path}: {exc.strerror or exc}.") from None
+    fsio.write_bytes(path, flatbuffer, "TFLite model")
     return path
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from .backbones import get_spec, preprocess_key, resolve_size, weights_identity
 from .cache import DamagedChunk, FeatureKey, HDF5Writer, PartStore, base_attrs, check, lock_for
 from .datasets import SPLITS, Dataset, Split, load_dataset
-from .errors import FeatcacheError, InvalidArgument, choice_error
+from .errors import brief, FeatcacheError, InvalidArgument, choice_error
 from .lookup import check_settings, data_source_id
 from .settings import FeatureSettings
 
@@ -174,6 +174,9 @@ class _Runner:
             with self.distribution.scope():
                 model = create_backbone(self.spec.name, self.settings.weights, self.size, self.settings.pooling,
                                         cache_dir=self.settings.cache_dir, dtype_policy=policy)
+            from .memory import require_memory
+
+            require_memory(model, self.batch_size, f"{self.spec.name}", self.log)
             artifact_id = f"{self.spec.name}-{self.size}-{self.settings.pooling}-" \
                           f"{weights_identity(self.settings.weights).replace(':', '_')}"
             if self.distribution.active:
@@ -285,7 +288,7 @@ class _Runner:
                 except tf.errors.OpError as exc:
                     raise FeatcacheError(
                         f"Could not read or decode an image of {data.name} near row {row + sum(len(b) for b in buffered)}: "
-                        f"{exc.message.splitlines()[0]}") from None
+                        f"{brief(exc.message)}") from None
                 buffered.append(engine(images))
                 bar.update(int(images.shape[0]))
                 rows_buffered = sum(len(b) for b in buffered)

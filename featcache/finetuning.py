@@ -28,7 +28,8 @@ from typing import Any, Callable, Optional, Sequence
 import keras
 import numpy as np
 
-from .errors import FeatcacheError, InvalidArgument, choice_error
+from . import fsio
+from .errors import brief, FeatcacheError, InvalidArgument, choice_error
 from .heads import OPTIMIZERS, load_head as load_head_model, make_optimizer as head_optimizer
 from .layers import ClassNames, InferenceMode, Preprocess
 from .settings import FeatureSettings
@@ -205,7 +206,7 @@ class Inference:
                 probs.append(np.asarray(p, dtype=np.float32))
         except tf.errors.OpError as exc:
             raise FeatcacheError(f"Could not read or decode an image of {split.name}: "
-                                 f"{exc.message.splitlines()[0]}") from None
+                                 f"{brief(exc.message)}") from None
         return np.concatenate(features), np.concatenate(probs)
 
 
@@ -466,13 +467,20 @@ def work_dir_for(settings: FeatureSettings, head_run, config: FinetuneConfig) ->
     return runs.runs_root(settings.cache_dir) / f".finetune-{head_run.run_id}-{config.training_digest()}"
 
 
+def _discard_work_dir(work_dir: Path) -> None:
+    """Delete a fine-tune work folder, after proving it is one (its hidden ``.finetune-`` name, in runs/)."""
+    if not work_dir.name.startswith(".finetune-"):
+        raise FeatcacheError(f"Refusing to delete {work_dir}: it is not a featcache fine-tune work folder.")
+    fsio.remove_owned(work_dir, work_dir.parent, "fine-tune work folder")
+
+
 def _open_work_dir(work_dir: Path) -> bool:
     """Create the work folder; True when it holds a backup to resume from."""
     if (work_dir / "backup").is_dir():
         return True
     if work_dir.exists():  # killed before its first epoch finished: nothing worth keeping
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True)
+        _discard_work_dir(work_dir)
+    fsio.make_dirs(work_dir, "fine-tune work folder")
     return False
 
 
@@ -495,7 +503,7 @@ def finish_run(work_dir: Path, settings: FeatureSettings, config: FinetuneConfig
                   "saved_model": str(final / "saved_model") if config.export else None}
         run_settings = {"features": asdict(settings), "finetune": asdict(config), "head_run": record["head_run"]}
         record = report.write_run(tmp, run_settings, record, class_names, *val, *test, history=history)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    _discard_work_dir(work_dir)
     log(f"wrote {final / 'model.keras'}" + (f" and SavedModel {final / 'saved_model'}" if config.export else ""))
     return record
 
@@ -592,7 +600,7 @@ def finetune(settings: FeatureSettings, config: FinetuneConfig = FinetuneConfig(
         log("warning: --mixed-precision without a GPU runs slower on CPU; continuing as asked")
 
     # Locked before the backbone is built: a second identical call fails in a second, not minutes.
-    work_dir.parent.mkdir(parents=True, exist_ok=True)
+    fsio.make_dirs(work_dir.parent, "runs folder")
     lock = FileLock(str(work_dir) + ".lock")
     try:
         lock.acquire(timeout=0)
@@ -650,7 +658,7 @@ def finetune(settings: FeatureSettings, config: FinetuneConfig = FinetuneConfig(
             model.fit(train_stream, validation_data=val_stream, epochs=config.epochs, steps_per_epoch=steps,
                       callbacks=own + list(callbacks), verbose=config.verbose, shuffle=False)
         except tf.errors.OpError as exc:
-            raise FeatcacheError(f"Training stopped on a data error: {exc.message.splitlines()[0]}") from None
+            raise FeatcacheError(f"Training stopped on a data error: {brief(exc.message)}") from None
         seconds = time.perf_counter() - start
         if best_path.exists():
             model.load_weights(best_path)
@@ -678,7 +686,7 @@ def finetune(settings: FeatureSettings, config: FinetuneConfig = FinetuneConfig(
             "replicas": int(strategy.num_replicas_in_sync),
         }
         if not chief:  # the chief writes the run; a worker's backup and logs are spent
-            shutil.rmtree(work_dir, ignore_errors=True)
+            _discard_work_dir(work_dir)
             return record
         return finish_run(work_dir, settings, config, model, record, source.class_names,
                           (cache.labels[val_rows], val_probs), (dataset["test"].labels[test_rows], test_probs), log)

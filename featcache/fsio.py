@@ -68,9 +68,10 @@ def disk_error(exc: BaseException, path: PathLike, what: str, hint: str = "") ->
     return DiskError(f"{text} {hint}".strip())
 
 
-def temporary_name(path: PathLike) -> Path:
+def temporary_name(path: PathLike, suffix: str = "") -> Path:
+    """``.<name>.<pid>.tmp<suffix>``: hidden, per process; ``suffix`` for writers that insist on one (Keras)."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
 
 
 def stale_temporaries(path: PathLike) -> list[Path]:
@@ -78,7 +79,7 @@ def stale_temporaries(path: PathLike) -> list[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+    return sorted(path.parent.glob(f".{path.name}.*.tmp*"))
 
 
 def fsync_dir(path: PathLike) -> None:
@@ -117,7 +118,8 @@ def discard(tmp: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: PathLike, what: str, hint: str = "", replace: bool = True) -> Iterator[Path]:
+def atomic_path(path: PathLike, what: str, hint: str = "", replace: bool = True,
+                suffix: str = "") -> Iterator[Path]:
     """A temporary path to write ``path`` under (a file, or a folder the block creates).
 
     When the block finishes, the temporary is fsynced and renamed to ``path``;
@@ -126,7 +128,7 @@ def atomic_path(path: PathLike, what: str, hint: str = "", replace: bool = True)
     naming ``what``. ``replace=False`` refuses to overwrite an existing ``path``.
     """
     path = Path(path)
-    tmp = temporary_name(path)
+    tmp = temporary_name(path, suffix)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from .cache import FeatureSet
-from .errors import FeatcacheError, InvalidArgument, choice_error
+from .errors import brief, FeatcacheError, InvalidArgument, choice_error
 from .report import write_run
 from .runs import Run, load_run, new_run_id, read_run, runs_root, staged_run_dir
 from .settings import VIEWS, FeatureSettings
@@ -432,8 +432,8 @@ def load_head(path, width: Optional[int] = None, n_classes: Optional[int] = None
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many types for a bad file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise FeatcacheError(f"Cannot load head {path}: {type(exc).__name__}: {first[:200]}") from None
+        first = brief(exc)
+        raise FeatcacheError(f"Cannot load head {path}: {type(exc).__name__}: {first}") from None
     check_head(model, width, n_classes, str(path))
     return model
 

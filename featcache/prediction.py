@@ -14,7 +14,8 @@ from typing import Union
 
 import numpy as np
 
-from .errors import FeatcacheError, InvalidArgument
+from .decoding import read_image
+from .errors import FeatcacheError, InvalidArgument, brief
 
 
 @dataclass
@@ -40,27 +41,12 @@ def load_model(path: Union[str, Path]):
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many types for foreign or broken files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FeatcacheError(f"{path} is not a loadable featcache model ({type(exc).__name__}: {first[:200]}).") from None
+        raise FeatcacheError(f"{path} is not a loadable featcache model ({type(exc).__name__}: {brief(exc)}).") from None
     layers = {type(layer).__name__: layer for layer in getattr(model, "layers", [])}
     if "Preprocess" not in layers or "ClassNames" not in layers:
         raise FeatcacheError(f"{path} is a Keras model but not a featcache model (it lacks the Preprocess and "
                              "ClassNames layers that `featcache finetune` puts in).")
     return model, list(layers["ClassNames"].class_names)
-
-
-def read_image(path: Union[str, Path]) -> np.ndarray:
-    """uint8 RGB pixels of any image PIL reads (greyscale, RGBA, palette, CMYK become RGB)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise FeatcacheError(f"Image {path} does not exist.") from None
-    except Exception as exc:  # PIL raises many types for bad files
-        raise FeatcacheError(f"Cannot read image {path}: {type(exc).__name__}: {exc}") from None
 
 
 class Predictor:

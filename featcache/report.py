@@ -16,7 +16,6 @@ reported, never used to choose.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, is_dataclass
@@ -25,7 +24,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-from .errors import FeatcacheError
+from . import fsio
 from .runs import RECORD_FILE, RECORD_FORMAT, SETTINGS_FILE, Run, _float_or_none, _sort_key
 
 # Above this many classes the confusion plot drops the per-cell numbers (unreadable otherwise).
@@ -35,14 +34,8 @@ PathLike = Union[str, os.PathLike]
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Whole or absent: written under a temporary name, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(_plain(data), fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Whole or absent, with fsio's one-line error on a full disk or a read-only folder."""
+    fsio.write_json(path, _plain(data), "run file")
 
 
 def _plain(value: Any) -> Any:
@@ -132,9 +125,9 @@ def write_run(run_dir: PathLike, settings: Any, record: dict, class_names: Seque
         full["history"] = columns
     try:
         _write_json(run_dir / SETTINGS_FILE, settings)
-        (run_dir / "confusion.txt").write_text(
+        fsio.write_text(run_dir / "confusion.txt",
             _confusion_text("validation", val["confusion"], names) + "\n" + _confusion_text("test", test["confusion"], names))
-        (run_dir / "classification_report.txt").write_text(
+        fsio.write_text(run_dir / "classification_report.txt",
             _classification_report("validation", val_labels, val["predicted"], names) + "\n"
             + _classification_report("test", test_labels, test["predicted"], names))
         plot_confusion(run_dir / "confusion.png", val["confusion"], test["confusion"], names,
@@ -142,8 +135,8 @@ def write_run(run_dir: PathLike, settings: Any, record: dict, class_names: Seque
         if columns:
             plot_curves(run_dir / "curves.png", columns, title=str(full.get("run_id", "")))
         _write_json(run_dir / RECORD_FILE, full)
-    except OSError as exc:
-        raise FeatcacheError(f"Cannot write run folder {run_dir}: {exc.strerror or exc}.") from None
+    except OSError as exc:  # matplotlib writing a PNG
+        raise fsio.disk_error(exc, run_dir, "run folder") from None
     return _plain(full)
 
 

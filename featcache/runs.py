@@ -12,7 +12,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from .errors import FeatcacheError, choice_error
-from .fsio import fsync_dir
+from .fsio import atomic_path, disk_error
 
 RECORD_FORMAT = 1
 RUNS_FOLDER = "runs"
@@ -88,31 +87,39 @@ def new_run_id(label: str, backbone: str, when: Optional[float] = None) -> str:
 def staged_run_dir(final: PathLike) -> Iterator[Path]:
     """A hidden temporary folder that becomes ``final`` only if the block finishes.
 
-    ``list_runs`` ignores hidden folders, so an interrupted run never looks complete.
+    ``list_runs`` ignores hidden folders, so an interrupted run never looks complete;
+    a full disk or a read-only folder ends in ``fsio``'s one-line error with nothing left behind.
     """
     final = Path(final)
     if final.exists():
         raise FeatcacheError(f"Run folder {final} already exists; not overwriting it.")
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as exc:
-        raise FeatcacheError(f"Cannot create run folder {tmp}: {exc.strerror or exc}.") from None
-    try:
+    with atomic_path(final, "run folder", replace=False) as tmp:
+        try:
+            tmp.mkdir()
+        except OSError as exc:
+            raise disk_error(exc, final, "run folder") from None
         yield tmp
-        if final.exists():
-            raise FeatcacheError(f"Run folder {final} appeared while this run was being written; not overwriting it.")
-        os.rename(tmp, final)
-        fsync_dir(final.parent)
-    except OSError as exc:  # a full disk or a permission error while the run is written
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise FeatcacheError(f"Cannot write run folder {final}: {exc.strerror or exc}.") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --- reading and listing ----------------------------------------------------------
+
+
+def record_problem(path: Path) -> Optional[str]:
+    """Why a run folder's ``record.json`` cannot be read, or None when it can (or there is none)."""
+    record_path = path / RECORD_FILE
+    if not record_path.exists():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except UnicodeDecodeError:
+        return f"{RECORD_FILE} is not text"
+    except ValueError as exc:
+        return f"{RECORD_FILE} is not valid JSON ({exc})"
+    except OSError as exc:
+        return f"{RECORD_FILE} cannot be read ({exc.strerror or exc})"
+    if not isinstance(record, dict):
+        return f"{RECORD_FILE} holds a {type(record).__name__}, not a record"
+    return None
 
 
 def read_run(path: Path) -> Optional[Run]:
@@ -157,6 +164,22 @@ def list_runs(cache_dir: PathLike, kind: Optional[str] = None) -> list[Run]:
     return sorted(runs, key=_sort_key)
 
 
+def unreadable_runs(cache_dir: PathLike) -> list[tuple[Path, str]]:
+    """Run folders whose ``record.json`` exists but cannot be read, with the reason: reported, never hidden."""
+    cache_dir = Path(cache_dir)
+    root = runs_root(cache_dir) if runs_root(cache_dir).is_dir() else cache_dir
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(".") or not path.is_dir():
+            continue
+        problem = record_problem(path)
+        if problem is not None:
+            found.append((path, problem))
+    return found
+
+
 def load_run(cache_dir: PathLike, run: str) -> Run:
     """A run from its folder path, its id, or a unique part of its id."""
     if not str(run).strip():
@@ -167,7 +190,7 @@ def load_run(cache_dir: PathLike, run: str) -> Run:
     if candidate.is_dir() and (candidate / RECORD_FILE).exists():
         found = read_run(candidate)
         if found is None:
-            raise FeatcacheError(f"Run folder {candidate} has an unreadable {RECORD_FILE}.")
+            raise FeatcacheError(f"Run folder {candidate} cannot be used: its {record_problem(candidate)}.")
         return found
     runs = list_runs(cache_dir)
     exact = [r for r in runs if r.run_id == run]
@@ -175,5 +198,9 @@ def load_run(cache_dir: PathLike, run: str) -> Run:
     if len(matches) == 1:
         return matches[0]
     if not matches:
+        broken = [(path, why) for path, why in unreadable_runs(cache_dir) if run in path.name]
+        if broken:
+            path, why = broken[0]
+            raise FeatcacheError(f"Run {path.name} cannot be used: its {why}.")
         raise FeatcacheError(f"No run {run!r} in {runs_root(cache_dir)} (see `featcache runs`).")
     raise FeatcacheError(f"Run {run!r} matches {len(matches)} runs in {runs_root(cache_dir)}; give more of its id.")

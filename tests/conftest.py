@@ -53,3 +53,22 @@ def make_npz(path: Path, n_train: int = 12, n_test: int = 6, size: int = 8, seed
     arrays.update(override)
     np.savez(path, **arrays)
     return path
+
+
+def odd_images() -> tuple[dict, np.ndarray]:
+    """Files whose mode or format needs care, with the RGB pixels each must decode to."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 255, (17, 23, 3), dtype=np.uint8))
+    deep = rng.integers(0, 65535, (9, 11), dtype=np.uint16)
+    cases = {
+        "grey.png": rgb.convert("L"), "grey_alpha.png": rgb.convert("LA"), "rgba.png": rgb.convert("RGBA"),
+        "palette.png": rgb.convert("P"), "bilevel.png": rgb.convert("1"), "palette.gif": rgb.convert("P"),
+        "cmyk.jpg": rgb.convert("CMYK"), "grey.jpg": rgb.convert("L"), "palette.bmp": rgb.convert("P"),
+        "bilevel.bmp": rgb.convert("1"), "grey.bmp": rgb.convert("L"), "one_pixel.png": Image.new("RGB", (1, 1), (9, 99, 199)),
+        "large.jpg": Image.fromarray(rng.integers(0, 255, (1500, 2100, 3), dtype=np.uint8)),
+        "deep16.png": Image.fromarray(deep),
+    }
+    # 16-bit greyscale keeps its high byte (PIL's own convert clips instead).
+    return cases, np.repeat((deep >> 8).astype(np.uint8)[..., None], 3, axis=-1)

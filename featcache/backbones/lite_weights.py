@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
-import uuid
 import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
-from ..errors import FeatcacheError
+from .. import fsio
+from ..errors import brief, FeatcacheError
 from .efficientnet_lite import (
     add_classifier,
     block_plan,
@@ -108,7 +108,7 @@ def load_checkpoint(variant: Union[str, int]) -> dict:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = brief(exc)
         raise FeatcacheError(f"Could not read checkpoint {path} as tensors only: {first}") from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
@@ -228,16 +228,10 @@ def imagenet_weights_path(variant: Union[str, int], cache_dir: Union[str, os.Pat
     if target.is_file():
         return target
     backbone, _ = _converted(name, None)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory, so os.replace is atomic; the suffix is what Keras requires of a weights file.
-    tmp = target.with_name(f".{name}_imagenet.{os.getpid()}-{uuid.uuid4().hex[:8]}.weights.h5")
-    try:
+    # Keras requires the '.weights.h5' suffix of the file it writes, temporary included.
+    with fsio.atomic_path(target, "converted ImageNet weights", suffix=".weights.h5") as tmp:
         with warnings.catch_warnings():
             # Keras' TF backend converts each variable with np.array(); numpy 2 warns once per weight.
             warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword")
             backbone.save_weights(str(tmp))
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return target

@@ -77,6 +77,8 @@ def runs(
 ) -> None:
     """All head and fine-tune runs, best validation accuracy first."""
     from ..report import runs_table
-    from ..runs import list_runs
+    from ..runs import list_runs, unreadable_runs
 
     typer.echo(runs_table(list_runs(cache_dir, kind=kind)))
+    for path, problem in unreadable_runs(cache_dir):
+        typer.echo(f"featcache: not listed: run folder {path}: its {problem}.", err=True)
