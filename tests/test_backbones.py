@@ -32,8 +32,10 @@ def test_weights_identity(tmp_path):
     path = tmp_path / "w.weights.h5"
     path.write_bytes(b"123")
     assert weights_identity(path).startswith("file:sha256:")
-    with pytest.raises(InvalidArgument, match="not an existing file"):
+    with pytest.raises(InvalidArgument, match="missing.h5', which does not exist"):
         weights_identity(tmp_path / "missing.h5")
+    with pytest.raises(InvalidArgument, match="which is a folder, not a weights file"):
+        weights_identity(tmp_path)
 
 
 @pytest.mark.parametrize("name, size", [("resnet50", 32), ("vgg19", 32), ("xception", 71)])

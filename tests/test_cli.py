@@ -54,7 +54,8 @@ def test_features_then_warm_reuse_then_cache_commands(image_folder, cache_dir):
 @pytest.mark.parametrize("extra, message", [
     (["-b", "resnet51"], "Unknown backbone 'resnet51'"),
     (["-b", "xception", "-s", "64"], "below the minimum of xception (71)"),
-    (["-w", "/nonexistent/weights.h5"], "not an existing file"),
+    (["-w", "/nonexistent/weights.h5"], "weights.h5', which does not exist"),
+    (["-w", "/tmp"], "which is a folder, not a weights file"),
 ])
 def test_bad_arguments_one_line(image_folder, cache_dir, extra, message):
     result = run("features", "-b", "resnet50", "-w", "none", "-d", str(image_folder), "-s", "32",
@@ -82,3 +83,56 @@ def test_verify_fails_on_foreign_file(cache_dir):
     (cache_dir / "junk.h5").write_bytes(b"not hdf5")
     result = run("cache", "verify", "--all", "--cache-dir", str(cache_dir))
     assert result.returncode == 1 and "FAILED" in result.stdout
+
+
+def _interrupt_when(args, marker: str, delay: float = 1.0):
+    """Start ``featcache ARGS``, send Ctrl-C (SIGINT) once ``marker`` is printed; (exit code, all output)."""
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-u", "-m", "featcache", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, bufsize=1)
+    seen = []
+    try:
+        for line in process.stdout:
+            seen.append(line)
+            if marker in line:
+                time.sleep(delay)
+                process.send_signal(signal.SIGINT)
+                break
+        rest, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process.returncode, "".join(seen) + rest
+
+
+def test_ctrl_c_during_features_says_what_was_kept(tmp_path):
+    from conftest import make_npz
+
+    data = make_npz(tmp_path / "d.npz", n_train=6000, n_test=6)
+    cache_dir = tmp_path / "cache"
+    args = ["features", "-b", "resnet50", "-w", "none", "-d", str(data), "-s", "32", "--engine", "keras",
+            "--split", "train", "--chunk-rows", "64", "--cache-dir", str(cache_dir), "--no-progress"]
+    code, output = _interrupt_when(args, "built resnet50", delay=2.0)
+    assert code == 130, output
+    assert "Traceback" not in output and "featcache: interrupted features: finished chunks are kept" in output
+    assert not list(cache_dir.glob("*.h5")), "no cache file that looks complete"
+    (parts,) = cache_dir.glob("*.h5.parts")
+    assert list(parts.glob("*.npz")), "chunks finished before Ctrl-C are kept for the resume"
+    resumed = run(*args)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout.lower(), resumed.stdout + resumed.stderr
+
+
+def test_ctrl_c_during_head_records_no_run(tmp_path):
+    from conftest import make_npz
+
+    data = make_npz(tmp_path / "d.npz", n_train=600, n_test=30)
+    common = ["-b", "resnet50", "-w", "none", "-d", str(data), "-s", "32", "--cache-dir", str(tmp_path / "cache")]
+    assert run("features", *common, "--no-progress", "--engine", "keras").returncode == 0
+    code, output = _interrupt_when(["head", *common, "--head", "mlp", "--epochs", "5000", "--patience", "5000",
+                                    "--batch-size", "8", "-v"], "epoch", delay=1.0)
+    assert code == 130, output
+    assert "Traceback" not in output and "featcache: interrupted head: no run was recorded" in output
+    runs = tmp_path / "cache" / "runs"
+    assert not runs.exists() or list(runs.iterdir()) == []
