@@ -437,6 +437,8 @@ def list_caches(cache_dir: Union[str, Path]) -> list[dict]:
 
 def resolve(cache_dir: Union[str, Path], key_or_path: str) -> Path:
     """A cache file from its path, file name or key digest."""
+    if not str(key_or_path).strip():
+        raise FeatcacheError("Give a cache key, file name or path (see `featcache cache ls`).")
     candidate = Path(key_or_path)
     if candidate.exists():
         return candidate

@@ -68,6 +68,8 @@ def feature_key(settings: FeatureSettings, backbone: str, dataset: Dataset, spli
 def validate(settings: FeatureSettings, options: ExtractOptions) -> None:
     """Fail on any bad argument before loading data or building a model."""
     check_settings(settings)
+    if not options.splits:
+        raise InvalidArgument(f"No split to extract; expected one or more of: {', '.join(SPLITS)}.")
     for split in options.splits:
         if split not in SPLITS:
             raise choice_error("split", SPLITS, split)

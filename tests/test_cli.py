@@ -56,6 +56,14 @@ def test_features_then_warm_reuse_then_cache_commands(image_folder, cache_dir):
     (["-b", "xception", "-s", "64"], "below the minimum of xception (71)"),
     (["-w", "/nonexistent/weights.h5"], "weights.h5', which does not exist"),
     (["-w", "/tmp"], "which is a folder, not a weights file"),
+    # An empty value (an empty Makefile variable) is refused, never replaced by the default.
+    (["-b", ""], "--backbone is empty (in make, BACKBONE="),
+    (["-w", ""], "--weights is empty (in make, WEIGHTS="),
+    (["-d", ""], "--data is empty (in make, DATA="),
+    (["--cache-dir", ""], "--cache-dir is empty (in make, CACHE_DIR="),
+    (["--views", ""], "--views is empty"),
+    (["--views", ","], "--views names no view"),
+    (["--split", ","], "No split to extract"),
 ])
 def test_bad_arguments_one_line(image_folder, cache_dir, extra, message):
     result = run("features", "-b", "resnet50", "-w", "none", "-d", str(image_folder), "-s", "32",
@@ -136,3 +144,20 @@ def test_ctrl_c_during_head_records_no_run(tmp_path):
     assert "Traceback" not in output and "featcache: interrupted head: no run was recorded" in output
     runs = tmp_path / "cache" / "runs"
     assert not runs.exists() or list(runs.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message, code", [
+    (["finetune", "--head-run", "x"], "No such option: --head-run (Possible options: --run) (see `featcache finetune --help`)", 2),
+    (["predict", "model.keras"], "Missing argument 'images' (see `featcache predict --help`)", 2),
+    (["cache", "rm"], "Missing argument 'target' (see `featcache cache rm --help`)", 2),
+    (["features", "--size", "abc"], "Invalid value for '--size'", 2),
+    (["cache", "info", ""], "Give a cache key, file name or path", 1),
+    (["cache", "ls", "--cache-dir", "README.md"], "--cache-dir README.md is a file, not a cache folder", 1),
+    (["runs", "--cache-dir", ""], "--cache-dir is empty", 1),
+])
+def test_usage_errors_are_one_line(args, message, code):
+    from pathlib import Path
+
+    result = run(*args, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == code
+    assert message in error_line(result)

@@ -50,7 +50,7 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, _on_sigint)
     try:
-        app()
+        code = app(standalone_mode=False)  # usage errors come back here, to be said in one line
     except FeatcacheError as exc:
         print(f"featcache: error: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -58,3 +58,25 @@ def main() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the message short
         print(_interrupted_line(sys.argv[1:]), file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:
+        if not _is_usage_error(exc):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `featcache` or `featcache cache`: the help
+            exc.show()
+        else:
+            print(_usage_line(exc, sys.argv[1:]), file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _is_usage_error(exc: BaseException) -> bool:
+    """Click's own errors (unknown option, missing argument, bad type), found without importing click's internals."""
+    return any(cls.__name__ == "ClickException" for cls in type(exc).__mro__)
+
+
+def _usage_line(exc, argv: list[str]) -> str:
+    words = [a for a in argv[:2] if not a.startswith("-")]
+    command = " ".join(words[:2] if words[:1] == ["cache"] else words[:1])
+    message = " ".join(str(exc.format_message()).split()).rstrip(".")
+    return f"featcache: error: {message} (see `featcache {command + ' ' if command else ''}--help`)."

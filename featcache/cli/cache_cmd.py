@@ -10,7 +10,7 @@ import typer
 
 from ..errors import FeatcacheError
 from .app import app, cache_app
-from .options import CacheDir
+from .options import CacheDir, cache_folder
 
 Target = Annotated[str, typer.Argument(help="A cache key (as in `cache ls`), file name or path.")]
 
@@ -28,7 +28,7 @@ def ls(cache_dir: CacheDir = "cache") -> None:
     """List cache files: key, backbone, size, split, view, rows, width, dtype, bytes."""
     from ..cache import list_caches
 
-    rows = list_caches(cache_dir)
+    rows = list_caches(cache_folder(cache_dir))
     if not rows:
         typer.echo(f"no cache files in {cache_dir}")
         return
@@ -47,7 +47,7 @@ def info(target: Target, cache_dir: CacheDir = "cache") -> None:
     """Print every attribute of one cache file."""
     from ..cache import read_attrs, resolve
 
-    path = resolve(cache_dir, target)
+    path = resolve(cache_folder(cache_dir), target)
     attrs = read_attrs(path)
     typer.echo(f"path: {path}")
     for name in sorted(attrs):
@@ -69,6 +69,7 @@ def verify(
     """Recompute checksums and check schema, shapes and completeness; exit 1 on any failure."""
     from ..cache import check, list_caches, resolve
 
+    cache_folder(cache_dir)
     if all_ == (target is not None):
         raise FeatcacheError("Give either a KEY/PATH or --all.")
     paths = [Path(r["path"]) for r in list_caches(cache_dir)] if all_ else [resolve(cache_dir, target)]
@@ -89,7 +90,7 @@ def rm(target: Target, cache_dir: CacheDir = "cache") -> None:
     """Remove one cache file with its lock and any unfinished parts."""
     from ..cache import owned_cache, remove
 
-    for removed in remove(owned_cache(cache_dir, target)):
+    for removed in remove(owned_cache(cache_folder(cache_dir), target)):
         typer.echo(f"removed {removed}")
 
 

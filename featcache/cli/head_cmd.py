@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from .app import app
-from .options import Backbone, CacheDir, Data, Dtype, Pooling, Size, SkipCorrupt, Views, Weights, feature_settings
+from .options import (Backbone, CacheDir, Data, Dtype, Pooling, Size, SkipCorrupt, Views, Weights, cache_folder,
+                      feature_settings)
 
 
 @app.command()
@@ -79,6 +80,6 @@ def runs(
     from ..report import runs_table
     from ..runs import list_runs, unreadable_runs
 
-    typer.echo(runs_table(list_runs(cache_dir, kind=kind)))
+    typer.echo(runs_table(list_runs(cache_folder(cache_dir), kind=kind)))
     for path, problem in unreadable_runs(cache_dir):
         typer.echo(f"featcache: not listed: run folder {path}: its {problem}.", err=True)

@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import InvalidArgument
 from ..settings import FeatureSettings
 
 Backbone = Annotated[str, typer.Option("--backbone", "-b", help="Backbone name (see `featcache backbones`); "
@@ -21,19 +22,38 @@ SkipCorrupt = Annotated[bool, typer.Option("--skip-corrupt", help="Skip unreadab
                                            "instead of stopping.")]
 
 
+def _given(value: str, option: str, variable: str) -> str:
+    """An empty value is refused, never replaced by a default: ``make features CACHE_DIR=`` must not write to ./cache."""
+    if not str(value).strip():
+        raise InvalidArgument(f"{option} is empty (in make, {variable}= with no value); give one or leave it out "
+                              "for the default.")
+    return value
+
+
 def feature_settings(backbone: str, weights: str, data: str, size: Optional[int], pooling: str, dtype: str,
                      cache_dir: str, views: str = "orig", skip_corrupt: bool = False) -> FeatureSettings:
-    """Settings from CLI values; empty strings (unset Makefile variables) mean the default."""
-    defaults = FeatureSettings()
-    view_list = tuple(v.strip() for v in (views or "orig").split(",") if v.strip())
+    """Settings from CLI values; an empty value is an error naming the option and its Makefile variable."""
+    view_list = tuple(v.strip() for v in _given(views, "--views", "VIEWS").split(",") if v.strip())
+    if not view_list:
+        raise InvalidArgument(f"--views names no view; received {views!r} (e.g. 'orig' or 'orig,flip').")
     return FeatureSettings(
-        backbone=backbone or defaults.backbone,
-        weights=weights or defaults.weights,
-        data=data or defaults.data,
+        backbone=_given(backbone, "--backbone", "BACKBONE"),
+        weights=_given(weights, "--weights", "WEIGHTS"),
+        data=_given(data, "--data", "DATA"),
         size=size,
-        pooling=pooling or defaults.pooling,
-        dtype=dtype or defaults.dtype,
-        cache_dir=cache_dir or defaults.cache_dir,
+        pooling=_given(pooling, "--pooling", "POOLING"),
+        dtype=_given(dtype, "--dtype", "DTYPE"),
+        cache_dir=_given(cache_dir, "--cache-dir", "CACHE_DIR"),
         views=view_list,
         skip_corrupt=skip_corrupt,
     )
+
+
+def cache_folder(cache_dir: str) -> str:
+    """The --cache-dir of the commands that read a cache folder: not empty, and a folder if it exists."""
+    from pathlib import Path
+
+    _given(cache_dir, "--cache-dir", "CACHE_DIR")
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise InvalidArgument(f"--cache-dir {cache_dir} is a file, not a cache folder.")
+    return cache_dir
