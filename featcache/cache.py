@@ -41,10 +41,17 @@ class FeatureKey:
     dataset: str
     split: str
     view: str = "orig"
+    # The engine's arithmetic: 'f32', or 'bf16' (OpenVINO on AMX/AVX512-BF16 CPUs). bf16 features are not
+    # interchangeable with f32 ones bit for bit, so bf16 enters the key; f32 does not, so caches made
+    # before precision existed keep their keys.
+    precision: str = "f32"
 
     @property
     def digest(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
+        fields_ = asdict(self)
+        if fields_["precision"] == "f32":
+            del fields_["precision"]
+        text = json.dumps(fields_, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
@@ -55,6 +62,8 @@ class FeatureKey:
     def from_attrs(cls, attrs) -> "FeatureKey":
         values = {}
         for f in fields(cls):
+            if f.name == "precision" and f.name not in attrs:
+                continue  # written before precision was recorded: f32
             value = attrs[f.name]
             values[f.name] = int(value) if f.name == "size" else str(value)
         return cls(**values)
@@ -459,6 +468,7 @@ def find(cache_dir: Union[str, Path], match: dict) -> list[Path]:
     for attrs in list_caches(cache_dir):
         if "error" in attrs:
             continue
+        attrs.setdefault("precision", "f32")  # files written before precision was recorded
         if all(str(attrs.get(k)) == str(v) for k, v in match.items()):
             found.append(Path(attrs["path"]))
     return found

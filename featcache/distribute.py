@@ -53,9 +53,12 @@ def check_strategy(name: str, engine: str = "auto") -> str:
     """Validate ``name`` (and its engine) without importing TensorFlow."""
     if name not in STRATEGIES:
         raise choice_error("strategy", STRATEGIES, name)
-    if name != "none" and engine == "tflite":
-        raise InvalidArgument(f"--engine tflite runs outside tf.distribute; use --engine keras or auto "
-                              f"with --strategy {name}.")
+    if name != "none" and engine != "auto":
+        from .engines import get_record
+
+        if not get_record(engine).distributable:
+            raise InvalidArgument(f"--engine {engine} runs outside tf.distribute; use --engine keras or auto "
+                                  f"with --strategy {name}.")
     if name == "multiworker":
         cluster_from_env()
     return name

@@ -42,6 +42,13 @@ class ExtractOptions:
     strategy: str = "none"
 
 
+def _gpu_listed() -> bool:
+    """Whether TensorFlow sees a GPU; only asked when 'auto' must choose (it imports TensorFlow)."""
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
 def default_batch_size() -> int:
     """Larger batches pay off on a GPU; on CPU 32 was as fast as larger ones and uses less memory."""
     import tensorflow as tf
@@ -49,8 +56,9 @@ def default_batch_size() -> int:
     return 128 if tf.config.list_physical_devices("GPU") else 32
 
 
-def feature_key(settings: FeatureSettings, backbone: str, dataset: Dataset, split: str, view: str) -> FeatureKey:
-    """The exact key of one split/view, from validated settings."""
+def feature_key(settings: FeatureSettings, backbone: str, dataset: Dataset, split: str, view: str,
+                precision: str = "f32") -> FeatureKey:
+    """The exact key of one split/view, from validated settings and the resolved precision."""
     spec = get_spec(backbone)
     return FeatureKey(
         backbone=spec.name,
@@ -62,6 +70,7 @@ def feature_key(settings: FeatureSettings, backbone: str, dataset: Dataset, spli
         dataset=dataset[split].fingerprint,
         split=split,
         view=view,
+        precision=precision,
     )
 
 
@@ -78,12 +87,15 @@ def validate(settings: FeatureSettings, options: ExtractOptions) -> None:
     if options.chunk_rows < 1:
         raise InvalidArgument(f"Chunk rows must be a positive integer; received {options.chunk_rows}.")
     weights_identity(settings.weights)  # a missing weights file fails here
-    from .engines import resolve_engine
+    from .engines import resolve_engine, resolve_precision
 
     resolve_engine(options.engine)
     from .distribute import check_strategy
 
     check_strategy(options.strategy, options.engine)
+    if options.strategy != "none" and resolve_precision(settings.precision, options.engine) != "f32":
+        raise InvalidArgument(f"--strategy {options.strategy} runs the Keras engine in f32; "
+                              "use --precision f32 (or auto) with it.")
 
 
 def extract(settings: FeatureSettings, options: ExtractOptions = ExtractOptions(),
@@ -104,12 +116,19 @@ def extract(settings: FeatureSettings, options: ExtractOptions = ExtractOptions(
     paths = []
     from .distribute import Distribution
 
+    from .engines import resolve_precision
+
     distribution = Distribution(options.strategy)  # one tf.distribute strategy per call, made on first need
+    rows = sum(len(dataset[split]) for split in options.splits)
+    size = max(resolve_size(get_spec(b), settings.size) for b in settings.backbones())
+    precision = resolve_precision(settings.precision, options.engine, rows=rows * len(settings.views), size=size)
+    if precision == "bf16" and settings.precision == "auto" and _gpu_listed():  # asks TensorFlow only here
+        precision = "f32"
     for backbone in settings.backbones():
-        runner = _Runner(settings, options, backbone, log, distribution)
+        runner = _Runner(settings, options, backbone, log, distribution, precision)
         for view in settings.views:
             for split in options.splits:
-                key = feature_key(settings, backbone, dataset, split, view)
+                key = feature_key(settings, backbone, dataset, split, view, precision)
                 paths.append(runner.ensure(cache_dir / key.filename, key, dataset, split))
     return paths
 
@@ -117,9 +136,11 @@ def extract(settings: FeatureSettings, options: ExtractOptions = ExtractOptions(
 class _Runner:
     """Extraction for one backbone; the model is built on first need, at most once."""
 
-    def __init__(self, settings: FeatureSettings, options: ExtractOptions, backbone: str, log, distribution=None):
+    def __init__(self, settings: FeatureSettings, options: ExtractOptions, backbone: str, log, distribution=None,
+                 precision: str = "f32"):
         from .distribute import Distribution
 
+        self.precision = precision
         self.settings, self.options, self.log = settings, options, log
         self.distribution = distribution or Distribution(options.strategy)
         self.spec = get_spec(backbone)
@@ -185,8 +206,9 @@ class _Runner:
                 self._engine = self.distribution.engine(model)
             else:
                 self._engine = make_engine(self.options.engine, model, Path(self.settings.cache_dir) / "engines",
-                                           artifact_id, self.batch_size, rows=rows)
-            self.log(f"built {self.spec.name} at {self.size}px ({self._engine.name} engine, batch "
+                                           artifact_id, self.batch_size, rows=rows, precision=self.precision,
+                                           log=self.log)
+            self.log(f"built {self.spec.name} at {self.size}px ({self._engine.name} engine, {self.precision}, batch "
                      f"{self.batch_size}) in {time.perf_counter() - start:.1f}s")
         return self._engine
 

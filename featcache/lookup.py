@@ -26,6 +26,10 @@ def check_settings(settings: FeatureSettings) -> None:
         raise InvalidArgument(f"No backbone named in {settings.backbone!r}; e.g. 'efficientnet_lite0' or 'a+b'.")
     for name in settings.backbones():
         resolve_size(get_spec(name), settings.size)
+    from .engines import PRECISIONS
+
+    if settings.precision not in PRECISIONS:  # whether this machine can compute bf16 matters only to features
+        raise choice_error("precision", PRECISIONS, settings.precision)
     if settings.pooling not in POOLINGS:
         raise choice_error("pooling", POOLINGS, settings.pooling)
     if settings.dtype not in DTYPES:
@@ -58,10 +62,20 @@ def match_attrs(settings: FeatureSettings, backbone: str, split: str, view: str)
     }
 
 
+def _by_precision(settings: FeatureSettings, wanted: dict) -> list[Path]:
+    """Caches of the asked precision; with 'auto', the one this machine would make, else any single one."""
+    from .engines import resolve_precision
+
+    if settings.precision != "auto":
+        return find(settings.cache_dir, {**wanted, "precision": settings.precision})
+    preferred = find(settings.cache_dir, {**wanted, "precision": resolve_precision("auto")})
+    return preferred or find(settings.cache_dir, wanted)
+
+
 def locate(settings: FeatureSettings, backbone: str, split: str, view: str = "orig") -> Path:
     """The one cache file for these settings; a clear error naming the ``make features`` call otherwise."""
     wanted = match_attrs(settings, backbone, split, view)
-    paths = find(settings.cache_dir, wanted)
+    paths = _by_precision(settings, wanted)
     if not paths:
         one = FeatureSettings(**{**settings.__dict__, "backbone": backbone})
         raise FeatcacheError(
@@ -72,7 +86,10 @@ def locate(settings: FeatureSettings, backbone: str, split: str, view: str = "or
     from .datasets import load_dataset
 
     fingerprint = load_dataset(settings.data, settings.cache_dir, settings.skip_corrupt)[split].fingerprint
-    current = find(settings.cache_dir, {**wanted, "dataset": fingerprint})
+    current = [p for p in paths if p in find(settings.cache_dir, {**wanted, "dataset": fingerprint})]
+    if len(current) > 1:
+        raise FeatcacheError(f"{len(current)} caches match {backbone}/{split}/{view} (f32 and bf16 features); "
+                             "choose one with --precision f32 or --precision bf16.")
     if len(current) != 1:
         raise FeatcacheError(f"{len(paths)} caches match {backbone}/{split}/{view} but none holds the current "
                              f"contents of {settings.data}; rerun `{settings.make_command()}`.")

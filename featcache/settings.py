@@ -30,6 +30,8 @@ class FeatureSettings:
     cache_dir: str = "cache"
     views: tuple[str, ...] = ("orig",)
     skip_corrupt: bool = False
+    # 'auto' (bf16 where OpenVINO runs on an AMX CPU, else f32), 'f32' or 'bf16'; see featcache.engines.
+    precision: str = "auto"
 
     def backbones(self) -> list[str]:
         return [b.strip() for b in self.backbone.split("+") if b.strip()]
@@ -51,4 +53,6 @@ class FeatureSettings:
             parts.append(f"POOLING={self.pooling}")
         if self.dtype != "float16":
             parts.append(f"DTYPE={self.dtype}")
+        if self.precision != "auto":
+            parts.append(f"PRECISION={self.precision}")
         return " ".join(parts)

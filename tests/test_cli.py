@@ -93,8 +93,11 @@ def test_verify_fails_on_foreign_file(cache_dir):
     assert result.returncode == 1 and "FAILED" in result.stdout
 
 
-def _interrupt_when(args, marker: str, delay: float = 1.0):
-    """Start ``featcache ARGS``, send Ctrl-C (SIGINT) once ``marker`` is printed; (exit code, all output)."""
+def _interrupt_when(args, marker: str, delay: float = 1.0, ready=lambda: True):
+    """Start ``featcache ARGS``; once ``marker`` is printed and ``ready()`` holds, send Ctrl-C (SIGINT).
+
+    Returns (exit code, all output).
+    """
     import signal
     import time
 
@@ -106,6 +109,9 @@ def _interrupt_when(args, marker: str, delay: float = 1.0):
             seen.append(line)
             if marker in line:
                 time.sleep(delay)
+                deadline = time.monotonic() + 120
+                while not ready() and process.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.1)
                 process.send_signal(signal.SIGINT)
                 break
         rest, _ = process.communicate(timeout=120)
@@ -122,7 +128,8 @@ def test_ctrl_c_during_features_says_what_was_kept(tmp_path):
     cache_dir = tmp_path / "cache"
     args = ["features", "-b", "resnet50", "-w", "none", "-d", str(data), "-s", "32", "--engine", "keras",
             "--split", "train", "--chunk-rows", "64", "--cache-dir", str(cache_dir), "--no-progress"]
-    code, output = _interrupt_when(args, "built resnet50", delay=2.0)
+    code, output = _interrupt_when(args, "built resnet50", delay=0.5,
+                                   ready=lambda: bool(list(cache_dir.glob("*.h5.parts/*.npz"))))
     assert code == 130, output
     assert "Traceback" not in output and "featcache: interrupted features: finished chunks are kept" in output
     assert not list(cache_dir.glob("*.h5")), "no cache file that looks complete"

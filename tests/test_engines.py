@@ -1,13 +1,18 @@
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import make_npz
 
 from featcache import engines
-from featcache.cache import load_features
-from featcache.engines import KerasEngine, TFLiteEngine, make_engine, resolve_engine, tflite_path
-from featcache.errors import InvalidArgument
+from featcache.cache import FeatureKey, load_features
+from featcache.engines import KerasEngine, TFLiteEngine, make_engine, resolve_engine, resolve_precision, tflite_path
+from featcache.errors import FeatcacheError, InvalidArgument
 from featcache.extraction import ExtractOptions, extract
 from featcache.settings import FeatureSettings
+
+HAS_OPENVINO = not engines.get_record("openvino").available()
+HAS_BF16 = bool(engines.cpu_flags() & set(engines.BF16_FLAGS))
 
 
 @pytest.fixture(scope="module")
@@ -22,36 +27,100 @@ def tiny_model():
     return keras.Model(inputs, x, name="tiny_features")
 
 
-def test_resolve_engine_checks_names_and_picks_by_device():
-    assert resolve_engine("auto") == engines.CPU_ENGINE == "tflite"
-    assert resolve_engine("auto", gpu=True) == "keras"
-    assert resolve_engine("tflite", gpu=True) == "tflite"
-    with pytest.raises(InvalidArgument, match="Unknown engine 'onnx'; expected one of: 'auto', 'keras', 'tflite'"):
+def _figures(monkeypatch, figures: dict) -> list:
+    """Make 'auto' measure the given img/s per engine; returns the engines it timed."""
+    timed = []
+
+    def fake(engine, shape, batches=3):
+        timed.append(engine.name)
+        return figures[engine.name]
+
+    monkeypatch.setattr(engines, "measure", fake)
+    return timed
+
+
+def test_registry_and_names():
+    assert engines.list_engines() == ["keras", "tflite", "openvino"]
+    assert engines.get_record("keras").distributable and not engines.get_record("tflite").distributable
+    assert engines.get_record("openvino").precisions == ("f32", "bf16")
+    assert resolve_engine("auto") == "auto"
+    with pytest.raises(InvalidArgument, match="Unknown engine 'onnx'; expected one of: 'auto', 'keras', 'tflite', 'openvino'"):
         resolve_engine("onnx")
 
 
-def test_auto_converts_only_when_the_work_repays_it(tiny_model, tmp_path):
-    assert make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, rows=50).name == "keras"
-    assert not list(tmp_path.iterdir())
-    assert make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, rows=None).name == "tflite"
-    # once an artefact exists, even a small job uses it
-    assert make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, rows=50).name == "tflite"
-    assert make_engine("keras", tiny_model, tmp_path, "tiny", batch_size=2).name == "keras"
+def test_precision_auto_follows_the_cpu(monkeypatch):
+    with pytest.raises(InvalidArgument, match="Unknown precision 'fp8'"):
+        resolve_precision("fp8")
+    monkeypatch.setattr(engines, "cpu_flags", lambda: {"avx2"})
+    assert resolve_precision("auto") == "f32"
+    with pytest.raises(FeatcacheError, match="needs a CPU with AMX or AVX512-BF16"):
+        resolve_precision("bf16")
+    with pytest.raises(InvalidArgument, match="runs on the openvino engine; received --engine tflite"):
+        resolve_precision("bf16", "tflite")
+    monkeypatch.setattr(engines, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    expected = "bf16" if HAS_OPENVINO else "f32"
+    assert resolve_precision("auto", rows=50_000, size=224) == expected
+    assert resolve_precision("auto", rows=40, size=32) == "f32"  # too small to repay a conversion
+    assert resolve_precision("auto", engine="tflite", rows=50_000) == "f32"
+    assert resolve_precision("f32") == "f32"
+
+
+def test_bf16_enters_the_key_and_f32_keeps_old_keys():
+    old = FeatureKey("resnet50", "none", 32, "caffe", "avg", "float16", "abc", "train", "orig")
+    assert old.digest == FeatureKey(**{**dataclasses.asdict(old), "precision": "f32"}).digest
+    import hashlib
+    import json
+
+    fields = {k: v for k, v in dataclasses.asdict(old).items() if k != "precision"}
+    assert old.digest == hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]  # as before
+    assert FeatureKey(**{**dataclasses.asdict(old), "precision": "bf16"}).digest != old.digest
+
+
+def test_auto_measures_picks_the_fastest_and_caches_the_decision(tiny_model, tmp_path, monkeypatch):
+    figures = {"keras": 10.0, "tflite": 30.0, "openvino": 20.0}
+    timed = _figures(monkeypatch, figures)
+    said = []
+    engine = make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, rows=None, gpu=False, log=said.append)
+    assert engine.name == "tflite"
+    assert set(timed) == ({"keras", "tflite", "openvino"} if HAS_OPENVINO else {"keras", "tflite"})
+    assert len(said) == 1 and said[0].startswith("auto engine: tflite (30 img/s") and "keras 10" in said[0]
+    (decision,) = tmp_path.glob("*-auto-f32-*.json")
+    assert '"engine": "tflite"' in decision.read_text()
+    timed.clear()
+    assert make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, gpu=False).name == "tflite"
+    assert timed == [], "a cached decision is not measured again"
+
+
+def test_auto_is_never_slower_than_keras(tiny_model, tmp_path, monkeypatch):
+    _figures(monkeypatch, {"keras": 50.0, "tflite": 30.0, "openvino": 20.0})
+    assert make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, rows=None, gpu=False).name == "keras"
+
+
+def test_auto_converts_only_when_the_work_repays_it(tiny_model, tmp_path, monkeypatch):
+    timed = _figures(monkeypatch, {"keras": 10.0, "tflite": 30.0, "openvino": 20.0})
+    assert make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, rows=50, gpu=False).name == "keras"
+    assert timed == ["keras"] and not list(tmp_path.iterdir())  # nothing converted, no decision kept
+    assert make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, gpu=True).name == "keras"
 
 
 def test_auto_falls_back_to_keras_when_conversion_fails(tiny_model, tmp_path, monkeypatch):
     def fail(model, path):
-        raise engines.FeatcacheError("TFLite conversion of tiny failed (ConverterError); use --engine keras.")
+        raise FeatcacheError("TFLite conversion of tiny failed (ConverterError); use --engine keras.")
 
-    monkeypatch.setattr(engines, "convert_to_tflite", fail)
-    assert make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2).name == "keras"
-    with pytest.raises(engines.FeatcacheError, match="conversion of tiny failed"):
+    for name in ("tflite", "openvino"):
+        monkeypatch.setitem(engines._REGISTRY, name, dataclasses.replace(engines.get_record(name), convert=fail))
+    _figures(monkeypatch, {"keras": 10.0, "tflite": 30.0, "openvino": 20.0})
+    assert make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, gpu=False).name == "keras"
+    with pytest.raises(FeatcacheError, match="conversion of tiny failed"):
         make_engine("tflite", tiny_model, tmp_path, "tiny", batch_size=2)
 
 
-def test_tflite_matches_keras_with_a_smaller_last_batch(tiny_model, tmp_path):
-    engine = make_engine("tflite", tiny_model, tmp_path, "tiny", batch_size=4)
-    assert isinstance(engine, TFLiteEngine)
+@pytest.mark.parametrize("name", ["tflite", "openvino"])
+def test_engine_matches_keras_with_a_smaller_last_batch(tiny_model, tmp_path, name):
+    if name == "openvino" and not HAS_OPENVINO:
+        pytest.skip("openvino is not installed")
+    engine = make_engine(name, tiny_model, tmp_path, "tiny", batch_size=4)
+    assert engine.name == name and engine.precision == "f32"
     images = np.random.default_rng(1).uniform(-1, 1, (10, 8, 8, 3)).astype(np.float32)
     batches = [images[0:4], images[4:8], images[8:10], images[0:4]]  # small last batch, then full again
     got = np.concatenate([engine(b) for b in batches])
@@ -60,16 +129,33 @@ def test_tflite_matches_keras_with_a_smaller_last_batch(tiny_model, tmp_path):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_artefact_is_converted_once_and_written_atomically(tiny_model, tmp_path, monkeypatch):
-    make_engine("tflite", tiny_model, tmp_path, "tiny", batch_size=2)
+@pytest.mark.skipif(not (HAS_OPENVINO and HAS_BF16), reason="needs openvino and a CPU with AMX or AVX512-BF16")
+def test_openvino_bf16_within_its_documented_tolerance(tiny_model, tmp_path):
+    engine = make_engine("openvino", tiny_model, tmp_path, "tiny", batch_size=4, precision="bf16")
+    x = np.random.default_rng(2).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
+    expected = KerasEngine(tiny_model)(x)
+    got = engine(x)
+    assert engine.precision == "bf16"
+    # bf16 keeps 8 bits of mantissa: a few per cent per value (documented in README)
+    np.testing.assert_allclose(got, expected, rtol=0.05, atol=0.02 * np.abs(expected).max())
+    np.testing.assert_array_equal(engine(x), got)  # deterministic: a resume is bit-identical
+
+
+def test_artefacts_are_converted_once_and_written_atomically(tiny_model, tmp_path, monkeypatch):
+    names = ["tflite"] + (["openvino"] if HAS_OPENVINO else [])
+    for name in names:
+        make_engine(name, tiny_model, tmp_path, "tiny", batch_size=2)
     path = tflite_path(tiny_model, tmp_path, "tiny")
-    assert path.exists() and [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporaries left
+    assert path.exists() and not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # no temporaries left
+    assert len(list(tmp_path.iterdir())) == len(names)
 
     def no_conversion(*a, **k):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(engines, "convert_to_tflite", no_conversion)
-    assert make_engine("tflite", tiny_model, tmp_path, "tiny", batch_size=2).name == "tflite"
+    for name in names:
+        monkeypatch.setitem(engines._REGISTRY, name,
+                            dataclasses.replace(engines.get_record(name), convert=no_conversion))
+        assert make_engine(name, tiny_model, tmp_path, "tiny", batch_size=2).name == name
 
 
 def test_damaged_artefact_is_converted_again(tiny_model, tmp_path):
@@ -81,21 +167,25 @@ def test_damaged_artefact_is_converted_again(tiny_model, tmp_path):
     assert path.stat().st_size > 100
 
 
-def test_extraction_with_tflite_equals_keras_and_records_the_engine(tmp_path):
+@pytest.mark.parametrize("name", ["tflite", "openvino"])
+def test_extraction_with_each_engine_equals_keras_and_records_it(tmp_path, name):
     """MobileNetV2 at 32 (random weights, seeded; small, so it converts fast): 12 + 6 rows in batches of 5
     (last batches of 2 and 1)."""
+    if name == "openvino" and not HAS_OPENVINO:
+        pytest.skip("openvino is not installed")
     data = make_npz(tmp_path / "d.npz")
     results = {}
-    for name in ("keras", "tflite"):
+    for engine in ("keras", name):
         settings = FeatureSettings(backbone="mobilenetv2", weights="none", data=str(data), size=32, dtype="float32",
-                                   cache_dir=str(tmp_path / name))
-        paths = extract(settings, ExtractOptions(progress=False, batch_size=5, chunk_rows=5, engine=name),
+                                   cache_dir=str(tmp_path / engine), precision="f32")
+        paths = extract(settings, ExtractOptions(progress=False, batch_size=5, chunk_rows=5, engine=engine),
                         log=lambda m: None)
-        results[name] = [load_features(p) for p in paths]
-    for keras_set, tflite_set in zip(results["keras"], results["tflite"]):
-        assert keras_set.path.name == tflite_set.path.name  # the engine is not part of the key
-        assert keras_set.attrs["engine"] == "keras" and tflite_set.attrs["engine"] == "tflite"
-        assert np.array_equal(keras_set.indices, tflite_set.indices)
+        results[engine] = [load_features(p) for p in paths]
+    for keras_set, other in zip(results["keras"], results[name]):
+        assert keras_set.path.name == other.path.name  # the engine is not part of the key
+        assert keras_set.attrs["engine"] == "keras" and other.attrs["engine"] == name
+        assert other.attrs["precision"] == "f32"
+        assert np.array_equal(keras_set.indices, other.indices)
         scale = np.abs(keras_set.features).max()
-        np.testing.assert_allclose(tflite_set.features, keras_set.features, rtol=1e-4, atol=1e-5 * scale)
-    assert list((tmp_path / "tflite" / "engines").glob("mobilenetv2-32-avg-none-*.tflite"))
+        np.testing.assert_allclose(other.features, keras_set.features, rtol=1e-4, atol=1e-5 * scale)
+    assert list((tmp_path / name / "engines").glob("mobilenetv2-32-avg-none-*"))

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .app import app
-from .options import Backbone, CacheDir, Data, Dtype, Pooling, Size, SkipCorrupt, Views, Weights, feature_settings
+from .options import Backbone, CacheDir, Data, Dtype, Pooling, Precision, Size, SkipCorrupt, Views, Weights, feature_settings
 
 
 @app.command()
@@ -18,11 +18,12 @@ def features(
     size: Size = None,
     pooling: Pooling = "avg",
     dtype: Dtype = "float16",
+    precision: Precision = "auto",
     cache_dir: CacheDir = "cache",
     views: Views = "orig",
     skip_corrupt: SkipCorrupt = False,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch (default 32 on CPU, 128 on GPU).")] = None,
-    engine: Annotated[str, typer.Option(help="'auto' (fastest measured here), 'keras' or 'tflite'.")] = "auto",
+    engine: Annotated[str, typer.Option(help="'auto' (fastest measured on this machine), 'keras', 'tflite' or 'openvino'.")] = "auto",
     split: Annotated[str, typer.Option(help="Comma-separated splits to extract.")] = "train,test",
     chunk_rows: Annotated[int, typer.Option(help="Rows per resumable chunk.")] = 1024,
     mixed_precision: Annotated[bool, typer.Option("--mixed-precision", help="float16 compute (GPU).")] = False,
@@ -33,7 +34,8 @@ def features(
     """Run the frozen backbone once over the dataset and cache pooled features (HDF5)."""
     from ..extraction import ExtractOptions, extract
 
-    settings = feature_settings(backbone, weights, data, size, pooling, dtype, cache_dir, views, skip_corrupt)
+    settings = feature_settings(backbone, weights, data, size, pooling, dtype, cache_dir, views, skip_corrupt,
+                                precision)
     options = ExtractOptions(splits=tuple(s.strip() for s in split.split(",") if s.strip()), batch_size=batch_size,
                              engine=engine, chunk_rows=chunk_rows, mixed_precision=mixed_precision,
                              progress=progress, strategy=strategy)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .app import app
-from .options import Backbone, CacheDir, Data, Dtype, Pooling, Size, SkipCorrupt, Views, Weights, feature_settings
+from .options import Backbone, CacheDir, Data, Dtype, Pooling, Precision, Size, SkipCorrupt, Views, Weights, feature_settings
 
 
 @app.command()
@@ -19,6 +19,7 @@ def finetune(
     size: Size = None,
     pooling: Pooling = "avg",
     dtype: Dtype = "float16",
+    precision: Precision = "auto",
     cache_dir: CacheDir = "cache",
     views: Views = "orig",
     skip_corrupt: SkipCorrupt = False,
@@ -46,7 +47,8 @@ def finetune(
     """Fine-tune backbone + head end to end, starting from a head trained on the cache."""
     from ..finetuning import FinetuneConfig, finetune as run_finetune
 
-    settings = feature_settings(backbone, weights, data, size, pooling, dtype, cache_dir, views, skip_corrupt)
+    settings = feature_settings(backbone, weights, data, size, pooling, dtype, cache_dir, views, skip_corrupt,
+                                precision)
     defaults = FinetuneConfig()
     config = FinetuneConfig(
         run=run, epochs=defaults.epochs if epochs is None else epochs,

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .app import app
-from .options import (Backbone, CacheDir, Data, Dtype, Pooling, Size, SkipCorrupt, Views, Weights, cache_folder,
+from .options import (Backbone, CacheDir, Data, Dtype, Pooling, Precision, Size, SkipCorrupt, Views, Weights, cache_folder,
                       feature_settings)
 
 
@@ -19,6 +19,7 @@ def head(
     size: Size = None,
     pooling: Pooling = "avg",
     dtype: Dtype = "float16",
+    precision: Precision = "auto",
     cache_dir: CacheDir = "cache",
     views: Views = "orig",
     skip_corrupt: SkipCorrupt = False,
@@ -51,7 +52,8 @@ def head(
     if init and kind:
         raise InvalidArgument(f"--head {kind} cannot be combined with --init: a continued head keeps the kind "
                               "it was saved with.")
-    settings = feature_settings(backbone, weights, data, size, pooling, dtype, cache_dir, views, skip_corrupt)
+    settings = feature_settings(backbone, weights, data, size, pooling, dtype, cache_dir, views, skip_corrupt,
+                                precision)
     given = {"kind": kind, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
              "dropout": dropout, "patience": patience,
              "units": heads.parse_units(units) if units is not None else None}

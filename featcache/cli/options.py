@@ -16,6 +16,8 @@ Data = Annotated[str, typer.Option("--data", "-d", help="'cifar10', 'digits', an
 Size = Annotated[Optional[int], typer.Option("--size", "-s", help="Backbone input size in pixels (default: the backbone's own).")]
 Pooling = Annotated[str, typer.Option("--pooling", help="Global pooling: 'avg' or 'max'.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Stored feature dtype: 'float16' or 'float32'.")]
+Precision = Annotated[str, typer.Option("--precision", help="Engine arithmetic: 'auto' (bf16 where OpenVINO runs on "
+                                        "an AMX CPU, else f32), 'f32' or 'bf16'; part of the cache key.")]
 CacheDir = Annotated[str, typer.Option("--cache-dir", help="Folder holding cache files.")]
 Views = Annotated[str, typer.Option("--views", help="Comma-separated views: 'orig', 'flip' (horizontal mirror).")]
 SkipCorrupt = Annotated[bool, typer.Option("--skip-corrupt", help="Skip unreadable images (counted and recorded) "
@@ -31,7 +33,8 @@ def _given(value: str, option: str, variable: str) -> str:
 
 
 def feature_settings(backbone: str, weights: str, data: str, size: Optional[int], pooling: str, dtype: str,
-                     cache_dir: str, views: str = "orig", skip_corrupt: bool = False) -> FeatureSettings:
+                     cache_dir: str, views: str = "orig", skip_corrupt: bool = False,
+                     precision: str = "auto") -> FeatureSettings:
     """Settings from CLI values; an empty value is an error naming the option and its Makefile variable."""
     view_list = tuple(v.strip() for v in _given(views, "--views", "VIEWS").split(",") if v.strip())
     if not view_list:
@@ -46,6 +49,7 @@ def feature_settings(backbone: str, weights: str, data: str, size: Optional[int]
         cache_dir=_given(cache_dir, "--cache-dir", "CACHE_DIR"),
         views=view_list,
         skip_corrupt=skip_corrupt,
+        precision=_given(precision, "--precision", "PRECISION"),
     )
 
 
