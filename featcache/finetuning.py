@@ -488,7 +488,7 @@ def _open_work_dir(work_dir: Path) -> bool:
 
 
 def finish_run(work_dir: Path, settings: FeatureSettings, config: FinetuneConfig, model, record: dict,
-               class_names: list[str], val: tuple, test: tuple, log: Callable[[str], None]) -> dict:
+               class_names: list[str], val: tuple, test: tuple, log: Callable[[str], None], val_images=None) -> dict:
     """The finished run folder, written through ``featcache.report`` (staged, renamed when whole)."""
     from . import report, runs
 
@@ -505,7 +505,8 @@ def finish_run(work_dir: Path, settings: FeatureSettings, config: FinetuneConfig
         record = {**record, "run_id": run_id, "epochs_run": len(history), "model": str(final / "model.keras"),
                   "saved_model": str(final / "saved_model") if config.export else None}
         run_settings = {"features": asdict(settings), "finetune": asdict(config), "head_run": record["head_run"]}
-        record = report.write_run(tmp, run_settings, record, class_names, *val, *test, history=history)
+        record = report.write_run(tmp, run_settings, record, class_names, *val, *test, history=history,
+                                  val_images=val_images)
     _discard_work_dir(work_dir)
     log(f"wrote {final / 'model.keras'}" + (f" and SavedModel {final / 'saved_model'}" if config.export else ""))
     return record
@@ -691,8 +692,11 @@ def finetune(settings: FeatureSettings, config: FinetuneConfig = FinetuneConfig(
         if not chief:  # the chief writes the run; a worker's backup and logs are spent
             _discard_work_dir(work_dir)
             return record
+        from .run_images import loaded_split_images
+
         return finish_run(work_dir, settings, config, model, record, source.class_names,
-                          (cache.labels[val_rows], val_probs), (dataset["test"].labels[test_rows], test_probs), log)
+                          (cache.labels[val_rows], val_probs), (dataset["test"].labels[test_rows], test_probs), log,
+                          val_images=loaded_split_images(settings, train_split, cache.indices[val_rows]))
     finally:
         lock.release()
         if not work_dir.exists():  # the run is written: its lock file has nothing left to guard

@@ -152,6 +152,9 @@ class HeadData:
     val_seed: int = 0
     train_images: int = 0
     sizes: dict = field(default_factory=dict)
+    val_indices: Optional[np.ndarray] = None  # image rows of the validation rows in the dataset's train split
+    dataset_fingerprint: Optional[str] = None
+    val_images: Any = None  # run_images.ImageRows, for top_losses.png
 
     @property
     def width(self) -> int:
@@ -262,6 +265,7 @@ def assemble(train: Mapping[str, Sequence[FeatureSet]], test: Mapping[str, Seque
         class_names=class_names, views=views, caches=caches, val_fraction=float(val_fraction), val_seed=int(seed),
         train_images=int(train_rows.size),
         sizes={p.key.backbone: p.key.size for p in train[reference_view]},
+        val_indices=np.asarray(train_ref.indices, dtype=np.int64)[val_rows], dataset_fingerprint=train_ref.key.dataset,
     )
 
 
@@ -289,7 +293,11 @@ def load_head_data(settings: FeatureSettings, val_fraction: float = 0.1, seed: i
     views = check_views(settings.views)
     sets = {split: {view: [load_split(settings, b, split, view, verify=verify) for b in backbones]
                     for view in views} for split in SPLITS}
-    return assemble(sets["train"], sets["test"], val_fraction, seed)
+    data = assemble(sets["train"], sets["test"], val_fraction, seed)
+    from .run_images import head_validation_images
+
+    data.val_images = head_validation_images(settings, data.val_indices, data.dataset_fingerprint)
+    return data
 
 
 # --- standardisation -----------------------------------------------------------------------
@@ -794,7 +802,7 @@ def write_head_run(settings: FeatureSettings, config: HeadConfig, data: HeadData
     with staged_run_dir(final) as tmp:
         result.model.save(tmp / "head.keras")
         record = write_run(tmp, head_settings, record, data.class_names, data.y_val, result.val_probs,
-                           data.y_test, result.test_probs, result.history or None)
+                           data.y_test, result.test_probs, result.history or None, val_images=data.val_images)
     return read_run(final) or Run(run_id, final, record, head_settings)
 
 

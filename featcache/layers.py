@@ -23,21 +23,27 @@ class Preprocess(keras.layers.Layer):
     """Resize + the backbone's preprocessing inside a model: raw RGB pixels in [0, 255] in.
 
     Saved with the fine-tuned model so that ``predict`` feeds it raw images of any size.
+    ``view`` ('orig' or 'flip') applies a cached view first, so an exported head trained on
+    several views averages over the same views as its validation score did.
     """
 
-    def __init__(self, backbone: str, size: int, **kwargs):
+    def __init__(self, backbone: str, size: int, view: str = "orig", **kwargs):
         super().__init__(**kwargs)
         self.backbone = get_spec(backbone).name
         self.size = int(size)
+        self.view = str(view)
 
     def call(self, images):
-        return prepare_batch(images, self.backbone, self.size)
+        return prepare_batch(images, self.backbone, self.size, self.view)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.size, self.size, 3)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "backbone": self.backbone, "size": self.size}
+        config = {**super().get_config(), "backbone": self.backbone, "size": self.size}
+        if self.view != "orig":  # models saved without a view keep loading in older featcache versions
+            config["view"] = self.view
+        return config
 
 
 @keras.saving.register_keras_serializable(package="featcache")

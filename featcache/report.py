@@ -7,7 +7,8 @@
     record.json                   what came out of it (written last)
     confusion.txt, confusion.png  validation and test confusion matrices
     curves.png                    loss and accuracy per epoch (runs trained by epochs)
-    classification_report.txt     scikit-learn's per-class precision/recall/F1
+    classification_report.txt     scikit-learn's per-class precision/recall/F1, most confused pairs
+    validation.csv, top_losses.png  per-image validation losses and the worst images (``interpretation``)
 
 Head and fine-tune runs share the record format (``kind`` tells them apart), so
 ``featcache runs`` ranks both together by validation accuracy. Test accuracy is
@@ -24,7 +25,8 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-from . import fsio
+from . import fsio, interpretation
+from .errors import FeatcacheError
 from .runs import RECORD_FILE, RECORD_FORMAT, SETTINGS_FILE, Run, _float_or_none, _sort_key
 
 # Above this many classes the confusion plot drops the per-cell numbers (unreadable otherwise).
@@ -99,12 +101,14 @@ def _history_columns(history: Any) -> dict[str, list[float]]:
 
 def write_run(run_dir: PathLike, settings: Any, record: dict, class_names: Sequence[str],
               val_labels: np.ndarray, val_probs: np.ndarray, test_labels: np.ndarray, test_probs: np.ndarray,
-              history: Any = None) -> dict:
+              history: Any = None, val_images: Any = None) -> dict:
     """Write settings, metrics, plots and (last) ``record.json`` into ``run_dir``; return the full record.
 
     ``record`` holds what the stage knows (``kind``, ``run_id``, ``backbone``, ``seconds``,
     ...); this adds ``val_acc``, ``test_acc``, per-class accuracy and ``created``.
-    ``history`` is Keras' ``History.history`` or a list of per-epoch rows.
+    ``history`` is Keras' ``History.history`` or a list of per-epoch rows. ``val_images``
+    (``run_images.ImageRows``, the validation rows in order) lets the run draw ``top_losses.png``;
+    without it, or when the dataset cannot be read, the record says why there is no picture.
     """
     run_dir = Path(run_dir)
     names = [str(c) for c in class_names]
@@ -123,13 +127,20 @@ def write_run(run_dir: PathLike, settings: Any, record: dict, class_names: Seque
     if columns:
         full.setdefault("epochs_run", len(next(iter(columns.values()))))
         full["history"] = columns
+    full["most_confused"] = interpretation.most_confused(val["confusion"], names)
+    if val_images is not None and len(val_images) != len(val_labels):
+        raise ValueError(f"{len(val_images)} validation image rows for {len(val_labels)} validation labels.")
     try:
         _write_json(run_dir / SETTINGS_FILE, settings)
         fsio.write_text(run_dir / "confusion.txt",
             _confusion_text("validation", val["confusion"], names) + "\n" + _confusion_text("test", test["confusion"], names))
         fsio.write_text(run_dir / "classification_report.txt",
             _classification_report("validation", val_labels, val["predicted"], names) + "\n"
-            + _classification_report("test", test_labels, test["predicted"], names))
+            + _classification_report("test", test_labels, test["predicted"], names) + "\n"
+            + interpretation.confused_text(full["most_confused"]))
+        losses = interpretation.write_validation_table(run_dir / interpretation.VALIDATION_FILE, val_labels,
+                                                        val_probs, names, None if val_images is None else val_images.rows)
+        full.update(_top_losses(run_dir, val_images, val_labels, val_probs, losses, names))
         plot_confusion(run_dir / "confusion.png", val["confusion"], test["confusion"], names,
                        title=f"{full.get('backbone', '')} {full.get('head', full['kind'])}".strip())
         if columns:
@@ -138,6 +149,23 @@ def write_run(run_dir: PathLike, settings: Any, record: dict, class_names: Seque
     except OSError as exc:  # matplotlib writing a PNG
         raise fsio.disk_error(exc, run_dir, "run folder") from None
     return _plain(full)
+
+
+def _top_losses(run_dir: Path, val_images: Any, labels: np.ndarray, probs: np.ndarray, losses: np.ndarray,
+                names: Sequence[str]) -> dict:
+    """Record fields of the top-loss picture: what it shows, or why it could not be drawn."""
+    if val_images is None:
+        return {"top_losses_note": "top_losses.png not drawn: the run does not say which dataset images it "
+                                   "validated on"}
+    fields: dict = {"val_images": {**val_images.source.describe(), "file": interpretation.VALIDATION_FILE}}
+    try:
+        fields["top_losses"] = interpretation.write_top_losses(run_dir, val_images, labels, np.asarray(probs),
+                                                               losses, names)
+    except fsio.DiskError:
+        raise
+    except FeatcacheError as exc:  # the dataset moved, changed or cannot be read: the run itself stands
+        fields["top_losses_note"] = f"top_losses.png not drawn: {exc}"
+    return fields
 
 
 def _confusion_text(split: str, matrix: np.ndarray, names: Sequence[str]) -> str:
