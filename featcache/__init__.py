@@ -7,10 +7,11 @@ Public API (imported lazily so that ``import featcache`` does not import TensorF
     featcache.finetune(...)                          # stage 3: backbone + head, end to end
     featcache.create_backbone(name, weights, input_size)
     featcache.list_backbones(); featcache.load_dataset(source)
-    featcache.predict(model_path, images)
+    featcache.predict(model_or_run, images)          # a run id, a .keras, .tflite or SavedModel export
+    featcache.export_run(run, cache_dir, ExportOptions(format="tflite"))   # ship it, self-checked
 
 No public name is also the name of a submodule (the modules are ``extraction``,
-``finetuning``, ``prediction``...): importing a submodule sets it as an attribute
+``finetuning``, ``prediction``, ``exporters``...): importing a submodule sets it as an attribute
 of the package, which would replace a function of the same name.
 """
 
@@ -36,6 +37,8 @@ _LAZY = {
     "FinetuneConfig": "featcache.finetuning",
     "FeatcacheError": "featcache.errors",
     "predict": "featcache.prediction",
+    "export_run": "featcache.exporters",
+    "ExportOptions": "featcache.exporters",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

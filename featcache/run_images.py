@@ -130,3 +130,67 @@ def cache_rows(path: Path) -> tuple[np.ndarray, np.ndarray]:
             return np.asarray(fh["labels"][...], dtype=np.int64), np.asarray(fh["indices"][...], dtype=np.int64)
     except (OSError, KeyError) as exc:
         raise FeatcacheError(f"{path} cannot be read ({exc}).") from None
+
+
+# --- a finished run's images ----------------------------------------------------------------
+
+
+def validation_images(run, cache_dir: str = "cache") -> tuple[ImageRows, np.ndarray]:
+    """(the run's validation images in order, their labels), from its ``validation.csv`` and record.
+
+    A head run written before runs kept ``validation.csv`` recomputes its rows the way it drew
+    them: ``validation_split`` of its first train cache with the recorded fraction and seed.
+    """
+    from .interpretation import VALIDATION_FILE, read_validation_table
+
+    names = [str(n) for n in run.record.get("class_names") or []]
+    table_path = run.path / VALIDATION_FILE
+    described = run.record.get("val_images")
+    if table_path.exists() and isinstance(described, dict):
+        table = read_validation_table(table_path)
+        try:
+            rows = np.array([int(r["row"]) for r in table], dtype=np.int64)
+            labels = np.array([names.index(r["true"]) for r in table], dtype=np.int64)
+        except (KeyError, ValueError) as exc:
+            raise FeatcacheError(f"{table_path} is not a featcache validation table ({exc}).") from None
+        source = SplitSource(str(described["data"]), str(cache_dir), bool(described.get("skip_corrupt", False)),
+                             str(described.get("split", "train")), described.get("fingerprint"))
+        return source.rows(rows), labels
+    if run.kind != "head":
+        raise FeatcacheError(f"Run {run.run_id} does not record its validation images ({VALIDATION_FILE}); "
+                             "it was made by an older featcache. Fine-tune again to export it.")
+    return _recomputed_validation(run, cache_dir)
+
+
+def _recomputed_validation(run, cache_dir: str) -> tuple[ImageRows, np.ndarray]:
+    from .cache import read_attrs
+    from .datasets import validation_split
+
+    views = run.record.get("views") or ["orig"]
+    reference = "orig" if "orig" in views else views[0]
+    first = str(run.record.get("backbone", "")).split("+")[0]
+    entries = [c for c in run.record.get("caches") or [] if isinstance(c, dict) and c.get("backbone") == first
+               and c.get("split") == "train" and c.get("view") == reference and c.get("file")]
+    fraction, seed = run.record.get("val_fraction"), run.record.get("val_seed")
+    if not entries or fraction is None or seed is None:
+        raise FeatcacheError(f"Run {run.run_id} records neither its validation images nor the cache and split "
+                             "they were drawn from; train the head again to export it.")
+    path = Path(cache_dir) / str(entries[0]["file"])
+    if not path.exists():
+        raise FeatcacheError(f"Run {run.run_id} was trained on {path.name}, which is not in {cache_dir} "
+                             "(give the --cache-dir it was trained with).")
+    labels, indices = cache_rows(path)
+    _, val_rows = validation_split(labels, float(fraction), int(seed))
+    attrs = read_attrs(path)
+    source = SplitSource(str(attrs.get("data_source")), str(cache_dir), bool(run.settings.get("features", {})
+                         .get("skip_corrupt", False)), "train", str(attrs.get("dataset")))
+    return source.rows(indices[val_rows]), labels[val_rows]
+
+
+def training_images(validation: ImageRows, n: int, seed: int = 0) -> ImageRows:
+    """Up to ``n`` images of the split that are not validation images, drawn at random (seeded), in order."""
+    split = validation.source.get()
+    candidates = np.setdiff1d(np.arange(len(split)), validation.rows)
+    if candidates.size > n:
+        candidates = np.sort(np.random.default_rng(seed).choice(candidates, n, replace=False))
+    return validation.source.rows(candidates)

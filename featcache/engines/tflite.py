@@ -82,20 +82,38 @@ def _interpreter_class() -> Callable:
         return construct
 
 
-def convert_to_tflite(model, path: Path) -> Path:
-    """Convert ``model`` (batch dimension left dynamic) and write it atomically to ``path``."""
+QUANTIZATIONS = ("none", "float16", "int8")
+
+
+def convert_to_tflite(model, path: Path, quantize: str = "none", representative: Optional[Callable] = None,
+                      hint: str = "use --engine keras.") -> Path:
+    """Convert ``model`` (batch dimension left dynamic, other dimensions as the model has them) to ``path``.
+
+    ``quantize``: ``none`` (float32), ``float16`` (weights stored as float16) or ``int8``
+    (weights and activations, calibrated on ``representative()``: lists of one float32
+    input batch each; the model keeps float32 input and output). Written atomically.
+    """
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"Unknown quantisation {quantize!r}; expected one of: {', '.join(QUANTIZATIONS)}.")
+    if quantize == "int8" and representative is None:
+        raise ValueError("int8 quantisation needs representative input batches to calibrate on.")
     spec = tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32)
     function = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([convert_variables_to_constants_v2(function)],
                                                                 model)
+    if quantize != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantize == "int8":
+        converter.representative_dataset = representative
     try:
         flatbuffer = converter.convert()
     except Exception as exc:  # the converter raises its own types; all mean "cannot convert"
-        raise FeatcacheError(f"TFLite conversion of {model.name} failed ({type(exc).__name__}); "
-                             f"use --engine keras.") from None
+        raise FeatcacheError(f"TFLite conversion of {model.name} failed ({type(exc).__name__}); {hint}") from None
     path = Path(path)
     fsio.write_bytes(path, flatbuffer, "TFLite model")
     return path
