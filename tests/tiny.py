@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import make_image_folder  # noqa: E402
 
 TINY = ("tiny_a", "tiny_b")
 
@@ -53,6 +52,8 @@ def register_tiny() -> None:
 
 def make_data(root: Path, n_train: int = 50, n_test: int = 4) -> Path:
     """Colour-coded images, files of 16 px (JPEG and PNG): 150 training images, enough to calibrate int8."""
+    from conftest import make_image_folder  # not at import: conftest sets TF_CPP_MIN_LOG_LEVEL
+
     return make_image_folder(root, n_train=n_train, n_test=n_test, size=16)
 
 

@@ -1,21 +1,20 @@
 """The ``featcache`` command line: a thin layer over the library.
 
 ``main`` turns the errors users can fix into one line on stderr and exit
-status 1; anything else is a bug and keeps its traceback.
+status 1; anything else is a bug and keeps its traceback. It also keeps
+TensorFlow's C++ start-up lines off the terminal unless asked (``cli.quiet``).
 """
 
 from __future__ import annotations
 
-import os
 import sys
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from ..errors import FeatcacheError  # noqa: E402
 # Importing a command module registers its commands; --help lists them in this order.
 from . import features_cmd  # noqa: E402,F401,I001
 from . import head_cmd  # noqa: E402,F401
 from . import finetune_cmd  # noqa: E402,F401
+from . import export_cmd  # noqa: E402,F401
 from . import cache_cmd  # noqa: E402,F401
 from .app import app  # noqa: E402
 
@@ -46,6 +45,17 @@ def _interrupted_line(argv: list[str]) -> str:
 
 
 def main() -> None:
+    from .quiet import quiet_stderr
+
+    quiet = quiet_stderr(sys.argv[1:])  # before anything imports TensorFlow
+    try:
+        _main()
+    finally:
+        if quiet is not None:
+            quiet.stop()
+
+
+def _main() -> None:
     import signal
 
     signal.signal(signal.SIGINT, _on_sigint)

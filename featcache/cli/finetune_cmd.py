@@ -1,4 +1,4 @@
-"""``featcache finetune`` and ``featcache predict``."""
+"""``featcache finetune``."""
 
 from __future__ import annotations
 
@@ -68,16 +68,3 @@ def finetune(
     typer.echo(f"run {record['run_id']}: val_acc {record['val_acc']:.4f}  test_acc {record['test_acc']:.4f}  "
                f"({record['seconds']:.0f}s; see `featcache runs`)")
 
-
-@app.command()
-def predict(
-    model: Annotated[str, typer.Argument(help="A fine-tuned model: model.keras in a fine-tune run folder.")],
-    images: Annotated[list[str], typer.Argument(help="Image files (any size; greyscale, RGBA, palette are fine).")],
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes to show per image.")] = 3,
-) -> None:
-    """Print the top-k classes with probabilities for each image."""
-    from ..prediction import predict as run_predict
-
-    for result in run_predict(model, images, top_k=top_k):
-        shown = "  ".join(f"{name} {p:.3f}" for name, p in zip(result.classes, result.probabilities))
-        typer.echo(f"{result.path}: {shown}")
