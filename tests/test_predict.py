@@ -1,7 +1,9 @@
 """``predict``: top-k classes for image files of any size and colour mode; one-line errors."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -108,3 +110,61 @@ def test_cli_prints_top_k_and_one_line_errors(model_path, images, tmp_path):
         errors = [l for l in bad.stderr.splitlines() if l.startswith("featcache: error:")]
         assert bad.returncode == 1 and len(errors) == 1 and message in errors[0], bad.stderr[-2000:]
         assert "Traceback" not in bad.stderr
+
+
+# --- a run, its .keras and .tflite exports and its SavedModel agree ------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny head run with keras, tflite and savedmodel exports; the test images."""
+    import tiny
+    from featcache.exporters import ExportOptions, export_run
+
+    tiny.register_tiny()
+    root = tmp_path_factory.mktemp("forms")
+    data = tiny.make_data(root / "data", n_train=20, n_test=4)
+    run = tiny.head_run(tiny.tiny_settings(data, root / "cache"), "mlp")
+    paths = {fmt: export_run(run.run_id, root / "cache", ExportOptions(format=fmt), log=lambda m: None)["path"]
+             for fmt in ("keras", "tflite", "savedmodel")}
+    return run, root / "cache", paths, sorted((data / "test").glob("*/*"))
+
+
+def test_a_run_and_its_exports_agree_on_top_1(exported):
+    run, cache_dir, paths, test_images = exported
+    by_form = {"run id": predict(run.run_id[-12:], test_images, top_k=3, cache_dir=cache_dir),
+               "run folder": predict(run.path, test_images, top_k=3)}
+    by_form.update({fmt: predict(path, test_images, top_k=3) for fmt, path in paths.items()})
+    first = {form: [r.classes[0] for r in results] for form, results in by_form.items()}
+    assert len({tuple(v) for v in first.values()}) == 1, first
+    truth = [p.parent.name for p in test_images]
+    assert np.mean(np.array(first["run id"]) == np.array(truth)) >= 0.9
+    for results in by_form.values():
+        for result, reference in zip(results, by_form["run id"]):
+            np.testing.assert_allclose(result.probabilities, reference.probabilities, atol=1e-3)
+            assert result.classes == reference.classes
+
+
+def test_forms_that_cannot_predict(exported, tmp_path):
+    run, cache_dir, paths, test_images = exported
+    lonely = tmp_path / "lonely.tflite"
+    lonely.write_bytes(Path(paths["tflite"]).read_bytes())
+    with pytest.raises(FeatcacheError, match="lonely.tflite has no labels.txt beside it"):
+        predict(lonely, test_images[:1])
+    with pytest.raises(FeatcacheError, match="head.keras is a Keras model but not a featcache model .* give its run id"):
+        predict(run.path / "head.keras", test_images[:1])
+    with pytest.raises(FeatcacheError, match="'nosuchrun' is neither a model file nor a run in"):
+        predict("nosuchrun", test_images[:1], cache_dir=cache_dir)
+    with pytest.raises(FeatcacheError, match="Model file .*missing.tflite does not exist"):
+        predict(tmp_path / "missing.tflite", test_images[:1])
+
+
+def test_cli_json_for_a_run_id(exported):
+    run, cache_dir, paths, test_images = exported
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "tiny.py"), "predict", run.run_id,
+                           *map(str, test_images[:2]), "--cache-dir", str(cache_dir), "--json", "-k", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout)
+    assert [r["path"] for r in results] == [str(p) for p in test_images[:2]]
+    assert all(len(r["classes"]) == 2 and r["probabilities"][0] >= r["probabilities"][1] for r in results)
