@@ -232,6 +232,15 @@ def plot_curves(path: PathLike, history: Mapping[str, Sequence[float]], title: s
     figure.savefig(path, dpi=80)
 
 
+def errors_line(record: Mapping[str, Any], folder: PathLike) -> str:
+    """One line pointing at a run's worst validation images and its most confused pairs, for the CLI."""
+    pairs = record.get("most_confused") or []
+    confused = ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in pairs[:3]) or "none"
+    picture = Path(folder) / interpretation.TOP_LOSSES_FILE
+    shown = f"worst validation images: {picture}" if picture.exists() else str(record.get("top_losses_note", ""))
+    return f"{shown}; most confused: {confused}"
+
+
 def key_settings(record: Mapping[str, Any]) -> str:
     """The few settings that tell runs of one backbone apart, for the table."""
     if record.get("summary"):

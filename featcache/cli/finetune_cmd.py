@@ -67,4 +67,8 @@ def finetune(
         return
     typer.echo(f"run {record['run_id']}: val_acc {record['val_acc']:.4f}  test_acc {record['test_acc']:.4f}  "
                f"({record['seconds']:.0f}s; see `featcache runs`)")
+    from ..report import errors_line
+    from ..runs import runs_root
+
+    typer.echo(errors_line(record, runs_root(settings.cache_dir) / record["run_id"]))
 

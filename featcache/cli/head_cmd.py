@@ -47,7 +47,7 @@ def head(
     """Train a classifier head from cached features (no backbone is built) and record the run."""
     from .. import heads
     from ..errors import InvalidArgument
-    from ..report import runs_table
+    from ..report import errors_line, runs_table
 
     if init and kind:
         raise InvalidArgument(f"--head {kind} cannot be combined with --init: a continued head keeps the kind "
@@ -71,6 +71,7 @@ def head(
     record = run.record
     typer.echo(f"{record['head']} on {record['backbone']}: val {run.val_acc:.4f}  test {run.test_acc:.4f}  "
                f"{record['seconds']:.1f}s (+{record['load_seconds']:.1f}s loading)  {run.path}")
+    typer.echo(errors_line(record, run.path))
 
 
 @app.command()
