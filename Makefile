@@ -15,6 +15,7 @@ BATCH ?=
 CACHE_DIR ?= cache
 VIEWS ?= orig
 ENGINE ?= auto
+PRECISION ?= auto
 HEAD ?= mlp
 EPOCHS ?=
 LR ?=
@@ -22,7 +23,7 @@ RUN ?=
 
 # Path variables are quoted so that folders with spaces or non-ASCII names work in every target.
 FEATURE_ARGS = --backbone "$(BACKBONE)" --weights "$(WEIGHTS)" --data "$(DATA)" --cache-dir "$(CACHE_DIR)" \
-	--views "$(VIEWS)" $(if $(SIZE),--size $(SIZE))
+	--views "$(VIEWS)" --precision "$(PRECISION)" $(if $(SIZE),--size $(SIZE))
 
 .PHONY: install test features head sweep finetune bench demo clean
 

@@ -23,7 +23,7 @@ from . import fsio
 from .decoding import IMAGE_EXTENSIONS, check_image, convert_to_png, converted_path
 from .errors import FeatcacheError, InvalidArgument
 
-_SCAN_VERSION = 4
+_SCAN_VERSION = 5  # 5: records each split's common image size
 # A label this large is a data error (ids, not class indices), not a 100,001-class problem.
 MAX_CLASSES = 100_000
 SPLITS = ("train", "test")
@@ -39,6 +39,9 @@ class Split:
     fingerprint: str
     images: Optional[np.ndarray] = None
     paths: Optional[list[str]] = None
+    # (height, width) when every image of the split has it: extraction then feeds the pixels as stored
+    # and resizes inside the engine's graph; None for mixed sizes (resized in tf.data).
+    image_size: Optional[tuple[int, int]] = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -158,7 +161,8 @@ def _hash_files(paths: list[str], labels: np.ndarray, root: Path) -> str:
 
 def _split(name: str, images: np.ndarray, labels: np.ndarray) -> Split:
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    return Split(name=name, images=images, labels=labels, fingerprint=_hash_arrays(images, labels))
+    return Split(name=name, images=images, labels=labels, fingerprint=_hash_arrays(images, labels),
+                 image_size=(int(images.shape[1]), int(images.shape[2])))
 
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -416,14 +420,18 @@ def _load_folder(root: Path, cache_dir: Path, skip_corrupt: bool, source: str) -
         except (OSError, ValueError):
             scan = None
     if scan is None:
-        scan = {"signature": signature, "bad": {}, "fingerprints": {}, "convert": {}}
+        scan = {"signature": signature, "bad": {}, "fingerprints": {}, "convert": {}, "image_size": {}}
         for split in SPLITS:
+            sizes = set()
             for path, _ in listing[split]:
-                problem, convert = check_image(path)
+                problem, convert, size = check_image(path)
                 if problem is not None:
                     scan["bad"][path] = problem
-                elif convert:
+                    continue
+                sizes.add(size)
+                if convert:
                     scan["convert"][path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            scan["image_size"][split] = list(sizes.pop()) if len(sizes) == 1 else None
         for split in SPLITS:
             good = [(p, l) for p, l in listing[split] if p not in scan["bad"]]
             scan["fingerprints"][split] = _hash_files([p for p, _ in good],
@@ -446,8 +454,9 @@ def _load_folder(root: Path, cache_dir: Path, skip_corrupt: bool, source: str) -
         if not good:
             raise FeatcacheError(f"{root / split} holds no readable images.")
         labels = np.array([l for _, l in good], dtype=np.int64)
+        size = scan["image_size"][split]
         splits[split] = Split(split, labels=labels, paths=[converted.get(p, p) for p, _ in good],
-                              fingerprint=scan["fingerprints"][split])
+                              fingerprint=scan["fingerprints"][split], image_size=tuple(size) if size else None)
     present = np.unique(splits["train"].labels)
     if present.size != len(class_names):
         missing = sorted(set(range(len(class_names))) - set(present.tolist()))

@@ -25,20 +25,20 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _TF_NATIVE = {"JPEG": None, "MPO": None, "PNG": None, "GIF": None, "BMP": ("RGB",)}  # MPO: phone JPEGs
 
 
-def check_image(path: str) -> tuple[Optional[str], bool]:
-    """(why the file does not decode fully or None, whether TensorFlow needs a converted copy)."""
+def check_image(path: str) -> tuple[Optional[str], bool, Optional[tuple[int, int]]]:
+    """(why the file does not decode fully or None, whether TensorFlow needs a converted copy, (height, width))."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             img.load()
             if img.size[0] < 1 or img.size[1] < 1:
-                return "empty image", False
-            fmt, mode = img.format, img.mode
+                return "empty image", False, None
+            fmt, mode, (width, height) = img.format, img.mode, img.size
     except Exception as exc:  # PIL raises many types for bad files
-        return f"{type(exc).__name__}: {exc}", False
+        return f"{type(exc).__name__}: {exc}", False, None
     native = fmt in _TF_NATIVE and (_TF_NATIVE[fmt] is None or mode in _TF_NATIVE[fmt])
-    return None, not native
+    return None, not native, (height, width)
 
 
 def converted_path(digest: str, cache_dir: Path) -> Path:
@@ -83,7 +83,7 @@ def read_image(path: Union[str, Path]) -> np.ndarray:
         raise FeatcacheError(f"Image {path} is a folder, not an image file.")
     if not path.exists():
         raise FeatcacheError(f"Image {path} does not exist.")
-    problem, convert = check_image(str(path))
+    problem, convert, _ = check_image(str(path))
     if problem is not None:
         raise FeatcacheError(f"Cannot read image {path}: {problem}")
     try:

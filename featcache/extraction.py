@@ -42,13 +42,6 @@ class ExtractOptions:
     strategy: str = "none"
 
 
-def _gpu_listed() -> bool:
-    """Whether TensorFlow sees a GPU; only asked when 'auto' must choose (it imports TensorFlow)."""
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
-
-
 def default_batch_size() -> int:
     """Larger batches pay off on a GPU; on CPU 32 was as fast as larger ones and uses less memory."""
     import tensorflow as tf
@@ -87,15 +80,16 @@ def validate(settings: FeatureSettings, options: ExtractOptions) -> None:
     if options.chunk_rows < 1:
         raise InvalidArgument(f"Chunk rows must be a positive integer; received {options.chunk_rows}.")
     weights_identity(settings.weights)  # a missing weights file fails here
-    from .engines import resolve_engine, resolve_precision
+    from .engines import check_precision, resolve_engine
 
     resolve_engine(options.engine)
     from .distribute import check_strategy
 
     check_strategy(options.strategy, options.engine)
-    if options.strategy != "none" and resolve_precision(settings.precision, options.engine) != "f32":
+    if options.strategy != "none" and settings.precision == "bf16":
         raise InvalidArgument(f"--strategy {options.strategy} runs the Keras engine in f32; "
                               "use --precision f32 (or auto) with it.")
+    check_precision(settings.precision, options.engine)
 
 
 def extract(settings: FeatureSettings, options: ExtractOptions = ExtractOptions(),
@@ -116,16 +110,11 @@ def extract(settings: FeatureSettings, options: ExtractOptions = ExtractOptions(
     paths = []
     from .distribute import Distribution
 
-    from .engines import resolve_precision
-
     distribution = Distribution(options.strategy)  # one tf.distribute strategy per call, made on first need
-    rows = sum(len(dataset[split]) for split in options.splits)
-    size = max(resolve_size(get_spec(b), settings.size) for b in settings.backbones())
-    precision = resolve_precision(settings.precision, options.engine, rows=rows * len(settings.views), size=size)
-    if precision == "bf16" and settings.precision == "auto" and _gpu_listed():  # asks TensorFlow only here
-        precision = "f32"
     for backbone in settings.backbones():
-        runner = _Runner(settings, options, backbone, log, distribution, precision)
+        rows = sum(len(dataset[split]) for split in options.splits) * len(settings.views)
+        runner = _Runner(settings, options, backbone, log, distribution, rows)
+        precision = runner.resolve_precision(dataset)
         for view in settings.views:
             for split in options.splits:
                 key = feature_key(settings, backbone, dataset, split, view, precision)
@@ -137,16 +126,50 @@ class _Runner:
     """Extraction for one backbone; the model is built on first need, at most once."""
 
     def __init__(self, settings: FeatureSettings, options: ExtractOptions, backbone: str, log, distribution=None,
-                 precision: str = "f32"):
+                 rows: Optional[int] = None):
         from .distribute import Distribution
 
-        self.precision = precision
         self.settings, self.options, self.log = settings, options, log
         self.distribution = distribution or Distribution(options.strategy)
         self.spec = get_spec(backbone)
         self.size = resolve_size(self.spec, settings.size)
-        self._engine = None
+        self.precision = "f32" if options.strategy != "none" else settings.precision  # 'auto' until measured
+        self.rows = rows  # the call's work in images, which decides whether a first engine conversion pays
+        self._model = None
+        self._engines: dict = {}
         self.batch_size = options.batch_size
+
+    def resolve_precision(self, dataset: Dataset) -> str:
+        """The precision of this call's caches, the same for every split and view.
+
+        ``auto`` keeps the precision of work already there (finished files or an
+        interrupted run's chunks) when this machine can compute it, so caches are
+        reused and a resume never mixes precisions; else the decision measured
+        earlier on this machine; else it builds the engine and measures now.
+        """
+        if self.precision != "auto":
+            return self.precision
+        from .engines import native_bf16, recorded
+
+        cache_dir = Path(self.settings.cache_dir)
+        work = {}
+        for precision in ("f32", "bf16"):
+            for view in self.settings.views:
+                for split in self.options.splits:
+                    path = cache_dir / feature_key(self.settings, self.spec.name, dataset, split, view,
+                                                   precision).filename
+                    work[precision] = work.get(precision, 0) + path.exists() + PartStore(path, {}).dir.exists()
+        usable = [p for p in ("f32", "bf16") if work[p] and (p == "f32" or native_bf16())]
+        if usable:
+            self.precision = max(usable, key=lambda p: work[p])
+            return self.precision
+        first = dataset[self.options.splits[0]]
+        decision = recorded(cache_dir / "engines", self.artifact_id(first), self.options.engine, "auto")
+        if decision is not None:
+            self.precision = decision["precision"]
+        else:
+            self.precision = self.engine(first).precision  # measures, and decides for every split
+        return self.precision
 
     def ensure(self, path: Path, key: FeatureKey, dataset: Dataset, split: str) -> Path:
         if self.distribution.multiworker:  # shards per worker, merged by the chief
@@ -178,13 +201,21 @@ class _Runner:
         finally:
             lock.release()
 
-    def engine(self, rows: Optional[int] = None):
-        """The engine, built on first call; ``rows`` (the work at hand) lets 'auto' weigh a conversion."""
-        if self._engine is None:
+    def artifact_id(self, data: Optional[Split]) -> str:
+        """Names the engine's model: backbone, size, pooling, weights, and the fed image size if any."""
+        fed = self.fed(data)
+        pixels = f"-from{fed[0]}x{fed[1]}" if fed else ""
+        mixed = "-mixed16" if self.options.mixed_precision else ""
+        weights = weights_identity(self.settings.weights).replace(":", "_")
+        return f"{self.spec.name}-{self.size}-{self.settings.pooling}-{weights}{pixels}{mixed}"
+
+    def backbone(self):
+        """The frozen backbone on preprocessed inputs, built once (inside the strategy's scope)."""
+        if self._model is None:
             import tensorflow as tf
 
             from .backbones import create_backbone
-            from .engines import make_engine
+            from .memory import require_memory
 
             policy = None
             if self.options.mixed_precision:
@@ -193,32 +224,56 @@ class _Runner:
                 policy = "mixed_float16"
             if self.batch_size is None:
                 self.batch_size = default_batch_size()
-            start = time.perf_counter()
             with self.distribution.scope():
-                model = create_backbone(self.spec.name, self.settings.weights, self.size, self.settings.pooling,
-                                        cache_dir=self.settings.cache_dir, dtype_policy=policy)
-            from .memory import require_memory
+                self._model = create_backbone(self.spec.name, self.settings.weights, self.size,
+                                              self.settings.pooling, cache_dir=self.settings.cache_dir,
+                                              dtype_policy=policy)
+            require_memory(self._model, self.batch_size, f"{self.spec.name}", self.log)
+        return self._model
 
-            require_memory(model, self.batch_size, f"{self.spec.name}", self.log)
-            artifact_id = f"{self.spec.name}-{self.size}-{self.settings.pooling}-" \
-                          f"{weights_identity(self.settings.weights).replace(':', '_')}"
+    def fed(self, data: Optional[Split]) -> Optional[tuple[int, int]]:
+        from .feeding import fed_as_stored
+
+        return fed_as_stored(data, self.distribution.active)
+
+    def engine(self, data: Optional[Split] = None):
+        """The engine for ``data``'s feed (see ``feeding``), built once per fed image size.
+
+        The first build under ``--precision auto`` decides the precision (by
+        measurement); later builds keep it, so every split of a call shares it.
+        """
+        from .feeding import pixel_model
+
+        fed = self.fed(data)
+        if fed not in self._engines:
+            from .engines import make_engine
+
+            start = time.perf_counter()
+            model = self.backbone()
             if self.distribution.active:
-                self._engine = self.distribution.engine(model)
+                engine = self.distribution.engine(model)
             else:
-                self._engine = make_engine(self.options.engine, model, Path(self.settings.cache_dir) / "engines",
-                                           artifact_id, self.batch_size, rows=rows, precision=self.precision,
-                                           log=self.log)
-            self.log(f"built {self.spec.name} at {self.size}px ({self._engine.name} engine, {self.precision}, batch "
-                     f"{self.batch_size}) in {time.perf_counter() - start:.1f}s")
-        return self._engine
+                if fed is not None:
+                    model = pixel_model(model, self.spec.name, self.size, fed)
+                engine = make_engine(self.options.engine, model, Path(self.settings.cache_dir) / "engines",
+                                     self.artifact_id(data), self.batch_size, rows=self.rows,
+                                     precision=self.precision, log=self.log, size=self.size)
+                self.precision = engine.precision
+            feed = f"fed {fed[0]}x{fed[1]} pixels, resized inside" if fed else "fed prepared batches"
+            self.log(f"built {self.spec.name} at {self.size}px ({engine.name} engine, {engine.precision}, {feed}, "
+                     f"batch {self.batch_size}) in {time.perf_counter() - start:.1f}s")
+            self._engines[fed] = engine
+        return self._engines[fed]
 
     def _extract(self, path: Path, key: FeatureKey, dataset: Dataset, split: str) -> Path:
-        engine = self.engine(rows=len(dataset[split]))
         data = dataset[split]
+        engine = self.engine(data)
         n, batch = len(data), self.batch_size
         chunk_rows = math.ceil(self.options.chunk_rows / batch) * batch
         meta = {"key": key.digest, "n_rows": n, "chunk_rows": chunk_rows, "batch_size": batch,
                 "engine": engine.name}
+        if self.fed(data):  # chunks fed prepared batches (the only feed before) keep their meta
+            meta["feed"] = "pixels"
         store = PartStore(path, meta)
         done = self.open_store(store, path)
         start = min(done * chunk_rows, n)
@@ -232,7 +287,9 @@ class _Runner:
         first = store.load(0)
         width = self.check_width(first["features"])
         skipped = self.skipped(dataset, split)
-        attrs = self.cache_attrs(key, dataset, split, engine.name, batch, seconds)
+        fed = self.fed(data)
+        attrs = self.cache_attrs(key, dataset, split, engine.name, batch, seconds,
+                                 feed=f"pixels {fed[0]}x{fed[1]}" if fed else "prepared")
         writer = None
         try:
             writer = HDF5Writer(path, n, width, key.dtype)
@@ -295,7 +352,10 @@ class _Runner:
         import tensorflow as tf
         from tqdm import tqdm
 
-        stream = make_stream(data, self.spec.name, self.size, key.view, start, self.batch_size)
+        from .feeding import make_stream
+
+        stream = make_stream(data, self.spec.name, self.size, key.view, start, self.batch_size,
+                             pixels=self.fed(data) is not None)
         bar = tqdm(total=len(data), initial=start, unit="img", desc=f"{self.spec.name} {data.name}/{key.view}",
                    disable=not self.options.progress, file=sys.stderr, dynamic_ncols=True)
         writer = ThreadPoolExecutor(max_workers=1)
@@ -336,32 +396,3 @@ class _Runner:
             bar.close()
         if row != len(data):
             raise FeatcacheError(f"Extraction of {data.name} stopped at row {row} of {len(data)}; rerun to resume.")
-
-
-def make_stream(data: Split, backbone: str, size: int, view: str, start: int, batch_size: int):
-    """A ``tf.data`` pipeline of preprocessed batches from row ``start`` on, in order.
-
-    In-memory images are sliced batch by batch (never copied whole into the
-    graph); files are read and decoded in parallel, then resized one by one.
-    """
-    import tensorflow as tf
-
-    from .preprocessing import apply_view, decode_file, prepare_batch, preprocess_fn, resize
-
-    autotune = tf.data.AUTOTUNE
-    if data.images is not None:
-        images = data.images
-
-        def batches():
-            for i in range(start, images.shape[0], batch_size):
-                yield images[i:i + batch_size]
-
-        signature = tf.TensorSpec((None,) + tuple(images.shape[1:]), tf.as_dtype(images.dtype))
-        stream = tf.data.Dataset.from_generator(batches, output_signature=signature)
-        stream = stream.map(lambda x: prepare_batch(x, backbone, size, view), num_parallel_calls=autotune)
-    else:
-        paths = tf.data.Dataset.from_tensor_slices(np.array(data.paths[start:], dtype=object).astype(str))
-        stream = paths.map(lambda p: resize(apply_view(decode_file(p), view), size),
-                           num_parallel_calls=autotune, deterministic=True)
-        stream = stream.batch(batch_size).map(preprocess_fn(backbone), num_parallel_calls=autotune)
-    return stream.prefetch(autotune)

@@ -63,13 +63,10 @@ def match_attrs(settings: FeatureSettings, backbone: str, split: str, view: str)
 
 
 def _by_precision(settings: FeatureSettings, wanted: dict) -> list[Path]:
-    """Caches of the asked precision; with 'auto', the one this machine would make, else any single one."""
-    from .engines import resolve_precision
-
+    """Caches of the asked precision; with 'auto', of either (two of them are told apart below)."""
     if settings.precision != "auto":
         return find(settings.cache_dir, {**wanted, "precision": settings.precision})
-    preferred = find(settings.cache_dir, {**wanted, "precision": resolve_precision("auto")})
-    return preferred or find(settings.cache_dir, wanted)
+    return find(settings.cache_dir, wanted)
 
 
 def locate(settings: FeatureSettings, backbone: str, split: str, view: str = "orig") -> Path:

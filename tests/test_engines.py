@@ -6,7 +6,8 @@ from conftest import make_npz
 
 from featcache import engines
 from featcache.cache import FeatureKey, load_features
-from featcache.engines import KerasEngine, TFLiteEngine, make_engine, resolve_engine, resolve_precision, tflite_path
+from featcache.engines import KerasEngine, TFLiteEngine, auto, check_precision, machine, make_engine, registry, \
+    resolve_engine, tflite_path
 from featcache.errors import FeatcacheError, InvalidArgument
 from featcache.extraction import ExtractOptions, extract
 from featcache.settings import FeatureSettings
@@ -28,15 +29,20 @@ def tiny_model():
 
 
 def _figures(monkeypatch, figures: dict) -> list:
-    """Make 'auto' measure the given img/s per engine; returns the engines it timed."""
+    """Make 'auto' measure the given img/s per engine ('name' or 'name precision'); returns what it timed."""
     timed = []
 
     def fake(engine, shape, batches=3):
-        timed.append(engine.name)
-        return figures[engine.name]
+        label = f"{engine.name} {engine.precision}"
+        timed.append(label)
+        return figures.get(label, figures.get(engine.name))
 
-    monkeypatch.setattr(engines, "measure", fake)
+    monkeypatch.setattr(auto, "measure", fake)
     return timed
+
+
+def _cpu(monkeypatch, *flags):
+    monkeypatch.setattr(machine, "cpu_flags", lambda: set(flags))
 
 
 def test_registry_and_names():
@@ -48,21 +54,27 @@ def test_registry_and_names():
         resolve_engine("onnx")
 
 
-def test_precision_auto_follows_the_cpu(monkeypatch):
+def test_precision_is_checked_against_engine_and_cpu(monkeypatch):
     with pytest.raises(InvalidArgument, match="Unknown precision 'fp8'"):
-        resolve_precision("fp8")
-    monkeypatch.setattr(engines, "cpu_flags", lambda: {"avx2"})
-    assert resolve_precision("auto") == "f32"
-    with pytest.raises(FeatcacheError, match="needs a CPU with AMX or AVX512-BF16"):
-        resolve_precision("bf16")
+        check_precision("fp8")
     with pytest.raises(InvalidArgument, match="runs on the openvino engine; received --engine tflite"):
-        resolve_precision("bf16", "tflite")
-    monkeypatch.setattr(engines, "cpu_flags", lambda: {"avx2", "amx_bf16"})
-    expected = "bf16" if HAS_OPENVINO else "f32"
-    assert resolve_precision("auto", rows=50_000, size=224) == expected
-    assert resolve_precision("auto", rows=40, size=32) == "f32"  # too small to repay a conversion
-    assert resolve_precision("auto", engine="tflite", rows=50_000) == "f32"
-    assert resolve_precision("f32") == "f32"
+        check_precision("bf16", "tflite")
+    _cpu(monkeypatch, "avx2")
+    with pytest.raises(FeatcacheError, match="needs a CPU with AMX or AVX512-BF16"):
+        check_precision("bf16")
+    assert check_precision("auto") == "auto" and check_precision("f32", "tflite") == "f32"
+
+
+def test_candidates_offer_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    _cpu(monkeypatch, "avx2")
+    assert ("openvino", "bf16") not in engines.candidates("auto", "auto")
+    assert engines.candidates("auto", "auto", gpu=True) == [("keras", "f32")]
+    _cpu(monkeypatch, "avx512f", "avx512_bf16")
+    pairs = engines.candidates("auto", "auto")
+    assert ("keras", "f32") in pairs and ("tflite", "f32") in pairs
+    assert (("openvino", "bf16") in pairs) == HAS_OPENVINO
+    assert engines.candidates("auto", "bf16") == ([("openvino", "bf16")] if HAS_OPENVINO else [])
+    assert engines.candidates("tflite", "auto") == [("tflite", "f32")]
 
 
 def test_bf16_enters_the_key_and_f32_keeps_old_keys():
@@ -77,29 +89,41 @@ def test_bf16_enters_the_key_and_f32_keeps_old_keys():
 
 
 def test_auto_measures_picks_the_fastest_and_caches_the_decision(tiny_model, tmp_path, monkeypatch):
-    figures = {"keras": 10.0, "tflite": 30.0, "openvino": 20.0}
-    timed = _figures(monkeypatch, figures)
+    _cpu(monkeypatch, "avx2")
+    timed = _figures(monkeypatch, {"keras": 10.0, "tflite": 30.0, "openvino": 20.0})
     said = []
-    engine = make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, rows=None, gpu=False, log=said.append)
-    assert engine.name == "tflite"
-    assert set(timed) == ({"keras", "tflite", "openvino"} if HAS_OPENVINO else {"keras", "tflite"})
-    assert len(said) == 1 and said[0].startswith("auto engine: tflite (30 img/s") and "keras 10" in said[0]
-    (decision,) = tmp_path.glob("*-auto-f32-*.json")
-    assert '"engine": "tflite"' in decision.read_text()
+    engine = make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, precision="auto", gpu=False,
+                         log=said.append)
+    assert engine.name == "tflite" and engine.precision == "f32"
+    assert set(timed) == ({"keras f32", "tflite f32", "openvino f32"} if HAS_OPENVINO else {"keras f32", "tflite f32"})
+    assert len(said) == 1 and said[0].startswith("auto engine: tflite f32 (30 img/s") and "keras f32 10" in said[0]
+    decision = engines.recorded(tmp_path, "tiny")
+    assert decision["engine"] == "tflite" and decision["precision"] == "f32" and decision["img_per_s"]["keras f32"] == 10
     timed.clear()
-    assert make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, gpu=False).name == "tflite"
+    assert make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, precision="auto", gpu=False).name == "tflite"
     assert timed == [], "a cached decision is not measured again"
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed")
+def test_auto_chooses_the_precision_too(tiny_model, tmp_path, monkeypatch):
+    _cpu(monkeypatch, "avx512f", "amx_bf16")
+    _figures(monkeypatch, {"keras f32": 10.0, "tflite f32": 30.0, "openvino f32": 20.0, "openvino bf16": 90.0})
+    engine = make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, precision="auto", gpu=False)
+    assert (engine.name, engine.precision) == ("openvino", "bf16")
+    assert engines.recorded(tmp_path, "tiny")["precision"] == "bf16"
+    f32 = make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, precision="f32", gpu=False)
+    assert (f32.name, f32.precision) == ("tflite", "f32"), "an f32 run chooses among f32 engines, separately"
 
 
 def test_auto_is_never_slower_than_keras(tiny_model, tmp_path, monkeypatch):
     _figures(monkeypatch, {"keras": 50.0, "tflite": 30.0, "openvino": 20.0})
-    assert make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, rows=None, gpu=False).name == "keras"
+    assert make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, precision="auto", gpu=False).name == "keras"
 
 
 def test_auto_converts_only_when_the_work_repays_it(tiny_model, tmp_path, monkeypatch):
     timed = _figures(monkeypatch, {"keras": 10.0, "tflite": 30.0, "openvino": 20.0})
     assert make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, rows=50, gpu=False).name == "keras"
-    assert timed == ["keras"] and not list(tmp_path.iterdir())  # nothing converted, no decision kept
+    assert timed == ["keras f32"] and not list(tmp_path.iterdir())  # nothing converted, no decision kept
     assert make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, gpu=True).name == "keras"
 
 
@@ -108,9 +132,9 @@ def test_auto_falls_back_to_keras_when_conversion_fails(tiny_model, tmp_path, mo
         raise FeatcacheError("TFLite conversion of tiny failed (ConverterError); use --engine keras.")
 
     for name in ("tflite", "openvino"):
-        monkeypatch.setitem(engines._REGISTRY, name, dataclasses.replace(engines.get_record(name), convert=fail))
+        monkeypatch.setitem(registry._REGISTRY, name, dataclasses.replace(engines.get_record(name), convert=fail))
     _figures(monkeypatch, {"keras": 10.0, "tflite": 30.0, "openvino": 20.0})
-    assert make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, gpu=False).name == "keras"
+    assert make_engine("auto", tiny_model, tmp_path, "tiny", batch_size=2, precision="auto", gpu=False).name == "keras"
     with pytest.raises(FeatcacheError, match="conversion of tiny failed"):
         make_engine("tflite", tiny_model, tmp_path, "tiny", batch_size=2)
 
@@ -153,7 +177,7 @@ def test_artefacts_are_converted_once_and_written_atomically(tiny_model, tmp_pat
         raise AssertionError("converted again")
 
     for name in names:
-        monkeypatch.setitem(engines._REGISTRY, name,
+        monkeypatch.setitem(registry._REGISTRY, name,
                             dataclasses.replace(engines.get_record(name), convert=no_conversion))
         assert make_engine(name, tiny_model, tmp_path, "tiny", batch_size=2).name == name
 

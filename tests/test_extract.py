@@ -9,7 +9,7 @@ import featcache.backbones
 from featcache.cache import PartStore, load_features
 from featcache.datasets import load_dataset
 from featcache.errors import FeatcacheError, InvalidArgument
-from featcache.extraction import ExtractOptions, extract, make_stream
+from featcache.extraction import ExtractOptions, extract
 from featcache.settings import FeatureSettings
 
 QUIET = ExtractOptions(progress=False, batch_size=4, chunk_rows=8)
@@ -73,12 +73,6 @@ def test_flip_view_is_a_separate_key(image_folder, cache_dir):
     assert not np.allclose(orig.features, flip.features)
 
 
-def test_stream_resizes_in_graph(image_folder, cache_dir):
-    ds = load_dataset(image_folder, cache_dir)
-    batch = next(iter(make_stream(ds["train"], "resnet50", 40, "orig", start=4, batch_size=5)))
-    assert tuple(batch.shape) == (5, 40, 40, 3) and batch.dtype.name == "float32"
-
-
 def test_interrupted_extraction_resumes_bit_identical(image_folder, cache_dir, tmp_path, monkeypatch):
     clean_dir = tmp_path / "clean"
     clean = load_features(extract(settings(image_folder, clean_dir), QUIET, log=lambda m: None)[0])
@@ -129,7 +123,7 @@ def test_nan_features_stop_extraction_without_a_cache_file(tmp_path, cache_dir, 
     from featcache import engines
 
     class NaNEngine:
-        name = "keras"
+        name, precision = "keras", "f32"
 
         def __call__(self, batch):
             out = np.ones((batch.shape[0], 2048), np.float32)
@@ -154,3 +148,64 @@ def test_skipped_images_are_counted_and_recorded_in_the_cache(image_folder, cach
     with h5py.File(train) as fh:
         assert json.loads(fh.attrs["skipped_files"]) == [str(bad)] and fh.attrs["n_rows"] == 18
     assert any("skipped 1 unreadable file(s)" in m for m in messages), messages
+
+
+HAS_BF16_OPENVINO = False
+try:
+    from featcache.engines import get_record as _record, native_bf16 as _native_bf16
+
+    HAS_BF16_OPENVINO = not _record("openvino").available() and _native_bf16()
+except ImportError:
+    pass
+
+
+def test_pixels_feed_records_itself_and_equals_the_prepared_feed(image_folder, cache_dir, tmp_path, monkeypatch):
+    fed = load_features(extract(settings(image_folder, cache_dir, dtype="float32"), QUIET, log=lambda m: None)[0])
+    assert fed.attrs["feed"] == "pixels 16x16"
+    monkeypatch.setattr("featcache.feeding.fed_as_stored", lambda data, distributed: None)
+    prepared = load_features(extract(settings(image_folder, tmp_path / "p", dtype="float32"), QUIET,
+                                     log=lambda m: None)[0])
+    assert prepared.attrs["feed"] == "prepared" and prepared.path.name == fed.path.name
+    np.testing.assert_allclose(fed.features, prepared.features, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_precision_reuses_the_precision_already_cached(image_folder, cache_dir, monkeypatch):
+    """Caches made in f32 are reused by '--precision auto' even where this machine would choose bf16."""
+    first = extract(settings(image_folder, cache_dir, precision="f32"), QUIET, log=lambda m: None)
+    monkeypatch.setattr("featcache.engines.recorded", lambda *a, **k: {"engine": "openvino", "precision": "bf16"})
+
+    def no_build(*a, **k):
+        raise AssertionError("the backbone was built")
+
+    monkeypatch.setattr(featcache.backbones, "create_backbone", no_build)
+    assert extract(settings(image_folder, cache_dir), QUIET, log=lambda m: None) == first
+
+
+@pytest.mark.skipif(not HAS_BF16_OPENVINO, reason="needs openvino and a CPU with AMX or AVX512-BF16")
+def test_bf16_extraction_is_its_own_key_and_resumes_bit_identical(image_folder, cache_dir, tmp_path, monkeypatch):
+    opts = ExtractOptions(progress=False, batch_size=4, chunk_rows=8, engine="openvino")
+    f32 = load_features(extract(settings(image_folder, tmp_path / "f32", precision="f32"), opts,
+                                log=lambda m: None)[0])
+    clean = load_features(extract(settings(image_folder, tmp_path / "clean", precision="bf16"), opts,
+                                  log=lambda m: None)[0])
+    assert clean.attrs["precision"] == "bf16" and clean.path.name != f32.path.name
+    scale = np.abs(f32.features.astype(np.float32)).max()
+    np.testing.assert_allclose(clean.features, f32.features, rtol=0.05, atol=0.02 * scale)  # README's tolerance
+    real_save = PartStore.save
+    calls = {"n": 0}
+
+    def crash_after_one(self, i, *arrays):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real_save(self, i, *arrays)
+
+    monkeypatch.setattr(PartStore, "save", crash_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        extract(settings(image_folder, cache_dir, precision="bf16"), opts, log=lambda m: None)
+    monkeypatch.setattr(PartStore, "save", real_save)
+    messages = []
+    resumed = load_features(extract(settings(image_folder, cache_dir), opts, log=messages.append)[0])
+    assert any("resuming" in m for m in messages), "'auto' resumes the bf16 chunks in bf16"
+    assert resumed.path.name == clean.path.name
+    np.testing.assert_array_equal(resumed.features, clean.features)
