@@ -72,27 +72,6 @@ def test_every_run_kind_exports_in_every_format(made, kind):
     assert [(e["format"], e["quantize"]) for e in record["exports"]] == [(n, "none") for n in EXPORTERS]
 
 
-def test_head_image_model_computes_the_cached_features(made):
-    """The rebuilt backbone(s) of a concatenated two-view head give the cached features of its images."""
-    from featcache.cache import load_features
-    from featcache.lookup import locate
-    from featcache.run_images import validation_images
-
-    run = made["runs"]["concat_views"]
-    model = image_model.build_image_model(run, made["cache_dir"])
-    assert [l.name for l in model.layers if type(l).__name__ == "Preprocess"] == [
-        "preprocess_0_orig", "preprocess_1_orig", "preprocess_0_flip", "preprocess_1_flip"]
-    images, _ = validation_images(run, made["cache_dir"])
-    settings = tiny.tiny_settings(Path(made["settings"].data), made["cache_dir"], "tiny_a+tiny_b")
-    cached = [load_features(locate(settings, b, "train", "flip")) for b in ("tiny_a", "tiny_b")]
-    features = keras.Model(model.input, model.get_layer("features_flip").output)
-    x = np.stack([images.image(i) for i in range(4)]).astype(np.float32)
-    got = np.asarray(features(x))
-    rows = [int(np.flatnonzero(cached[0].indices == r)[0]) for r in images.rows[:4]]
-    want = np.concatenate([c.features[rows].astype(np.float32) for c in cached], axis=1)
-    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
-
-
 def test_quantised_exports_report_their_difference(made):
     run = made["runs"]["mlp"]
     for quantize in ("float16", "int8"):
