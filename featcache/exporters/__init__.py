@@ -235,6 +235,7 @@ def export_run(run: Union[str, Run], cache_dir: PathLike = "cache", options: Exp
             if not exporter.suffix:
                 fsio.write_text(tmp / MARKER_FILE, f"featcache {exporter.name} export of run {run.run_id}\n",
                                 "export marker")
+            log(f"written ({fsio.human_bytes(_size(tmp))}); checking it on the run's {len(labels)} validation images")
             runner = exporter.load(tmp)
             accuracy = evaluate(runner, val_images, labels, options.batch_size)
             check = self_check(accuracy, recorded, len(labels), options.quantize != "none", options.force, log)
