@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from featcache.errors import FeatcacheError, InvalidArgument
-from featcache.report import evaluate, runs_table, write_run
+from featcache.report import errors_line, evaluate, runs_table, write_run
 from featcache.runs import list_runs, load_run, new_run_id, runs_root, staged_run_dir
 
 NAMES = ["cat", "dog", "frog"]
@@ -81,6 +81,22 @@ def test_write_run_accepts_csv_logger_rows_and_no_history(cache_dir):
     plain = make_run(cache_dir, "head", val_correct=5, head="logreg")
     path = runs_root(cache_dir) / plain["run_id"]
     assert not (path / "curves.png").exists() and "history" not in plain
+
+
+def test_a_run_without_its_images_still_lists_its_losses_and_confusions(cache_dir):
+    """Without the dataset rows there is no picture, and the record says so; losses and pairs are kept."""
+    record = make_run(cache_dir, "head", val_correct=6)
+    path = runs_root(cache_dir) / record["run_id"]
+    assert not (path / "top_losses.png").exists() and record["top_losses_note"].startswith("top_losses.png not drawn")
+    lines = (path / "validation.csv").read_text().splitlines()
+    assert lines[0] == "position,row,true,predicted,p_true,p_predicted,loss" and len(lines) == 11
+    assert lines[7].split(",")[1:4] == ["", "cat", "dog"]  # row 6 is wrong: label 0 predicted 1, no dataset row
+    assert record["most_confused"] == [{"true": "cat", "predicted": "dog", "count": 2},
+                                       {"true": "dog", "predicted": "frog", "count": 1},
+                                       {"true": "frog", "predicted": "cat", "count": 1}]
+    assert errors_line(record, path) == (f"{record['top_losses_note']}; most confused: cat -> dog (2), "
+                                         "dog -> frog (1), frog -> cat (1)")
+    assert "cat -> dog: 2" in (path / "classification_report.txt").read_text()
 
 
 def test_staged_run_dir_is_all_or_nothing(tmp_path):
