@@ -12,8 +12,8 @@ training code:
 
       images -> Preprocess(b, size, view) -> backbone b -> [concat over b] -> head -> [average over views] -> ClassNames
 
-- a fine-tune run: its ``model.keras`` (already an image model), called in
-  inference mode, so its training-time augmentation never runs.
+- a fine-tune run: its ``model.keras`` (already an image model) with its
+  random augmentation layers replaced by identities, called in inference mode.
 """
 
 from __future__ import annotations
@@ -143,7 +143,31 @@ def _from_model_file(path: Path):
     except Exception as exc:  # Keras raises many types for a foreign or broken file
         raise FeatcacheError(f"Cannot load {path}: {type(exc).__name__}: {brief(exc)}") from None
     names = class_names_of(inner)
+    inner = _without_augmentation(inner)
     inputs = keras.Input((None, None, 3), dtype="float32", name="images")
     outputs = inner(inputs, training=False)
     outputs = ClassNames(names, name="class_names", dtype="float32")(outputs)
     return keras.Model(inputs, outputs, name=MODEL_NAME)
+
+
+def _without_augmentation(model):
+    """The model with its random augmentation layers (``RandomFlip``, ``RandomTranslation``...) as identities.
+
+    They do nothing at inference, but their seed state would still be captured by an
+    exported graph (TensorFlow refuses to save it from a module). The other layers are
+    reused, not copied, so the weights are the trained ones.
+    """
+    import keras
+
+    def clone(layer):
+        if type(layer).__name__.startswith("Random"):
+            return keras.layers.Identity(name=layer.name)
+        return layer
+
+    if not any(type(layer).__name__.startswith("Random") for layer in model.layers):
+        return model
+    try:
+        return keras.models.clone_model(model, clone_function=clone)
+    except Exception as exc:  # a subclassed model cannot be cloned: say so rather than export the augmentation
+        raise FeatcacheError(f"Cannot remove the augmentation layers of {model.name} for export "
+                             f"({type(exc).__name__}: {brief(exc)}).") from None
