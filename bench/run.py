@@ -91,7 +91,13 @@ def load_images(n: int, source: Path, work: Path, seed: int = 0) -> tuple[np.nda
 
 
 def write_folder(path: Path, files: list, labels: np.ndarray) -> Path:
-    """An image folder of the given JPEG files (hard-linked) as train/c<label>/, with one test image per class."""
+    """An image folder of the given JPEG files (hard-linked) as train/c<label>/, with one test image per class.
+
+    Named by a digest of its files, so a reused ``--work`` folder never mixes two samples.
+    """
+    import hashlib
+
+    path = path.with_name(f"{path.name}-{hashlib.sha256(chr(0).join(files).encode()).hexdigest()[:8]}")
     for i, (file, label) in enumerate(zip(files, labels)):
         target = path / "train" / f"c{int(label)}" / f"{i:06d}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -160,8 +166,10 @@ def figure_extraction(backbone: str, sizes: tuple, work: Path, source: Path, pea
                                   "cache_dir": str(cache_dir), "engine": engine, "batch_size": batch, "decide": True})
     rows = []
     for i, n in enumerate(sizes):
-        npz = write_npz(work / f"{backbone}-{n}.npz", images[:n], labels[:n])
-        folder = write_folder(work / f"{backbone}-{n}", files[:n], labels[:n])
+        # In the order an image folder lists them (by class, then name), so that rows line up with the naive ones.
+        order = np.argsort(labels[:n], kind="stable")
+        npz = write_npz(work / f"{backbone}-{n}.npz", images[:n][order], labels[:n][order])
+        folder = write_folder(work / f"{backbone}-{n}", [files[j] for j in order], labels[:n][order])
         sample = work / f"{backbone}-{n}-naive.npy"
         common = {"backbone": backbone, "weights": weights, "size": 224, "cache_dir": str(cache_dir)}
         runs = {
@@ -179,7 +187,7 @@ def figure_extraction(backbone: str, sizes: tuple, work: Path, source: Path, pea
         alone = child("engine", {**common, "data": str(folder), "npz": str(npz), "engine": engine,
                                  "batch_size": batch, "images": min(n, 512)})
         naive, fc = done["naive"], done["featcache"]
-        rows.append({"images": n, "naive": naive, "featcache": fc, "engine_alone": alone,
+        rows.append({"images": n, "folder": str(folder), "naive": naive, "featcache": fc, "engine_alone": alone,
                      "ratio": fc["images_per_s"] / naive["images_per_s"],
                      "ratio_median_batch": fc["images_per_s_median_batch"] / naive["images_per_s_median_batch"],
                      "pipeline_share": fc["images_per_s"] / alone["images_per_s"],
@@ -219,6 +227,7 @@ def compare(naive_sample: np.ndarray, cache_path: str) -> dict:
     diff = np.abs(cached - naive_sample)
     half_ulp = np.abs(np.spacing(naive_sample.astype(np.float16)).astype(np.float32)) / 2
     return {"rows_compared": int(naive_sample.shape[0]), "max_abs_diff": float(diff.max()),
+            "max_relative_to_max_feature": float(diff.max() / np.abs(naive_sample).max()),
             "max_abs_feature": float(np.abs(naive_sample).max()),
             "within_float16_rounding": bool(np.all(diff <= half_ulp + 1e-4)),
             "max_diff_in_float16_half_ulps": float((diff / np.maximum(half_ulp, 1e-12)).max())}
@@ -395,8 +404,7 @@ def main(argv=None) -> int:
         if not args.no_parity:
             result["parity"] = figure_parity(work, Path(args.data))
         result["warm"] = figure_warm(work, lite["backbone"], "imagenet" if lite["weights"].startswith("ImageNet")
-                                     else "none", work / f"{lite['backbone']}-{lite['rows'][0]['images']}",
-                                     args.warm_repeats)
+                                     else "none", Path(lite["rows"][0]["folder"]), args.warm_repeats)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
