@@ -112,11 +112,18 @@ def naive(args: dict) -> dict:
 
 
 def featcache_extract(args: dict) -> dict:
-    """featcache's extractor on the same images (an .npz), train split only, with the given engine."""
+    """featcache's extractor on the same images (an image folder of JPEGs or an .npz), train split only.
+
+    ``decide``: let 'auto' convert and measure even for a small job (the untimed warm-up that makes the
+    engine artefacts and the decision the timed run then reuses).
+    """
     from featcache import engines
     from featcache.cache import read_attrs
     from featcache.extraction import ExtractOptions, extract
     from featcache.settings import FeatureSettings
+
+    if args.get("decide"):
+        engines.auto.conversion_pays = lambda rows, size: True
 
     stamps: list[tuple[float, int]] = []
     engine_seconds: list[float] = []
@@ -126,7 +133,7 @@ def featcache_extract(args: dict) -> dict:
         """The engine featcache chose, stamping each batch's completion (the extractor is untouched)."""
 
         def __init__(self, inner):
-            self.inner, self.name = inner, inner.name
+            self.inner, self.name, self.precision = inner, inner.name, inner.precision
 
         def __call__(self, batch):
             start = time.perf_counter()
@@ -137,8 +144,9 @@ def featcache_extract(args: dict) -> dict:
 
     engines.make_engine = lambda *a, **k: Timed(make_engine(*a, **k))
 
-    settings = FeatureSettings(backbone=args["backbone"], weights=args["weights"], data=args["npz"],
-                               size=int(args["size"]), cache_dir=args["cache_dir"])
+    settings = FeatureSettings(backbone=args["backbone"], weights=args["weights"], data=args["data"],
+                               size=int(args["size"]), cache_dir=args["cache_dir"],
+                               precision=args.get("precision", "auto"))
     options = ExtractOptions(splits=("train",), batch_size=args.get("batch_size"), engine=args.get("engine", "auto"),
                              progress=False)
     messages: list[str] = []
@@ -150,8 +158,43 @@ def featcache_extract(args: dict) -> dict:
     n = int(attrs["n_rows"])
     return {"images": n, "seconds": seconds, "images_per_s": n / seconds, **cadence(stamps),
             "engine_share_of_time": sum(engine_seconds) / seconds if seconds else None, "wall_seconds": wall,
-            "engine": attrs["engine"], "batch_size": int(attrs["batch_size"]), "cache": str(path),
-            "log": messages, **peak_rss_mb()}
+            "engine": attrs["engine"], "precision": attrs.get("precision", "f32"), "feed": attrs.get("feed"),
+            "batch_size": int(attrs["batch_size"]), "cache": str(path), "log": messages, **peak_rss_mb()}
+
+
+def engine_only(args: dict) -> dict:
+    """The forward-pass rate of the very engine the extractor uses (same decision, same artefact, same
+    feed), on batches already in memory: what the pipeline around it is measured against."""
+    from featcache.datasets import load_dataset
+    from featcache.extraction import ExtractOptions, _Runner
+    from featcache.feeding import fed_as_stored
+    from featcache.settings import FeatureSettings
+
+    settings = FeatureSettings(backbone=args["backbone"], weights=args["weights"], data=args["data"],
+                               size=int(args["size"]), cache_dir=args["cache_dir"],
+                               precision=args.get("precision", "auto"))
+    options = ExtractOptions(splits=("train",), batch_size=int(args["batch_size"]), engine=args.get("engine", "auto"),
+                             progress=False)
+    split = load_dataset(settings.data, settings.cache_dir)["train"]
+    runner = _Runner(settings, options, args["backbone"], log=lambda m: None, rows=len(split))
+    runner.resolve_precision(load_dataset(settings.data, settings.cache_dir))
+    engine = runner.engine(split)
+    with np.load(args["npz"]) as data:
+        images = data["x_train"][: int(args.get("images", 512))].astype(np.float32)
+    if fed_as_stored(split, False) is None:
+        from featcache.preprocessing import prepare_batch
+
+        images = np.asarray(prepare_batch(images, args["backbone"], int(args["size"])))
+    batch = int(args["batch_size"])
+    engine(images[:batch])  # warm-up
+    rates = []
+    for _ in range(int(args.get("rounds", 3))):
+        start = time.perf_counter()
+        for i in range(0, images.shape[0], batch):
+            engine(images[i:i + batch])
+        rates.append(images.shape[0] / (time.perf_counter() - start))
+    return {"images_per_s": float(np.median(rates)), "rounds": rates, "engine": engine.name,
+            "precision": engine.precision, "images": int(images.shape[0]), "batch_size": batch, **peak_rss_mb()}
 
 
 def flops(args: dict) -> dict:
@@ -240,7 +283,32 @@ def end_to_end(args: dict) -> dict:
             "backbone_trainable": features.trainable, **peak_rss_mb()}
 
 
-KINDS = {"naive": naive, "featcache": featcache_extract, "flops": flops, "head": head, "e2e": end_to_end}
+def parity(args: dict) -> dict:
+    """Default logreg and mlp heads on f32 and on bf16 features of the same real images (library path)."""
+    from featcache.extraction import ExtractOptions, extract
+    from featcache.heads import HeadConfig, train_head
+    from featcache.settings import FeatureSettings
+
+    out = {}
+    for precision in ("f32", "bf16"):
+        settings = FeatureSettings(backbone=args["backbone"], weights=args["weights"], data=args["data"],
+                                   cache_dir=args["cache_dir"], precision=precision)
+        start = time.perf_counter()
+        paths = extract(settings, ExtractOptions(progress=False), log=lambda m: None)
+        from featcache.cache import read_attrs
+
+        attrs = read_attrs(paths[0])
+        out[precision] = {"extract_seconds": time.perf_counter() - start, "engine": attrs["engine"]}
+        for kind in ("logreg", "mlp"):
+            run = train_head(settings, HeadConfig(kind=kind), runs_dir=Path(args["cache_dir"]) / "runs")
+            out[precision][kind] = {"val": run.val_acc, "test": run.test_acc, "seconds": run.record.get("seconds")}
+    for kind in ("logreg", "mlp"):
+        out[f"{kind}_test_difference_points"] = 100 * (out["bf16"][kind]["test"] - out["f32"][kind]["test"])
+    return {**out, **peak_rss_mb()}
+
+
+KINDS = {"naive": naive, "featcache": featcache_extract, "engine": engine_only, "flops": flops, "head": head,
+         "e2e": end_to_end, "parity": parity}
 
 if __name__ == "__main__":
     SAMPLER = RSSSampler()

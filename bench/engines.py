@@ -1,10 +1,11 @@
-"""Engine levers on this CPU: which engine and batch size does ``engine="auto"`` deserve?
+"""Engine levers on this CPU: which engine, precision and batch size does ``engine="auto"`` deserve?
 
 Times the forward pass alone (preprocessed random batches, no data
 pipeline) for each backbone with: ``model.predict`` (the naive baseline),
 featcache's ``keras`` engine (a ``tf.function``), the same function over a
-frozen constant graph (``convert_variables_to_constants_v2``) and the
-``tflite`` engine (LiteRT + XNNPACK), at several batch sizes. Rounds are
+frozen constant graph (``convert_variables_to_constants_v2``), the
+``tflite`` engine (LiteRT + XNNPACK) and the ``openvino`` engine in f32 and,
+where the CPU computes it natively, bf16, at several batch sizes. Rounds are
 interleaved so that load from other processes on a shared machine hits
 every variant alike; each figure is the median over rounds.
 
@@ -35,7 +36,7 @@ def variants(model, batch_sizes: list[int], artifact_dir: Path, timings: dict) -
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    from featcache.engines import KerasEngine, TFLiteEngine, convert_to_tflite
+    from featcache.engines import KerasEngine, TFLiteEngine, convert_to_tflite, get_record, native_bf16
 
     spec = tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32)
     frozen = convert_variables_to_constants_v2(
@@ -45,12 +46,23 @@ def variants(model, batch_sizes: list[int], artifact_dir: Path, timings: dict) -
     timings["tflite_conversion_seconds"] = time.perf_counter() - start
     timings["tflite_bytes"] = path.stat().st_size
     keras_engine = KerasEngine(model)
+    openvino = {}
+    if not get_record("openvino").available():
+        from featcache.engines import openvino as ov
+
+        start = time.perf_counter()
+        ov.convert(model, artifact_dir / f"{model.name}.ov")
+        timings["openvino_conversion_seconds"] = time.perf_counter() - start
+        for precision in ("f32", "bf16") if native_bf16() else ("f32",):
+            openvino[precision] = ov.OpenVINOEngine(artifact_dir / f"{model.name}.ov", precision)
     out = {}
     for b in batch_sizes:
         out[f"predict b{b}"] = (b, lambda x, b=b: model.predict(x, batch_size=b, verbose=0))
         out[f"keras b{b}"] = (b, keras_engine)
         out[f"keras-frozen b{b}"] = (b, frozen_call(frozen))
         out[f"tflite b{b}"] = (b, TFLiteEngine(path, b))
+        for precision, engine in openvino.items():
+            out[f"openvino-{precision} b{b}"] = (b, engine)
     return out
 
 

@@ -138,6 +138,8 @@ def make_strategy(name: str):
 class StrategyEngine:
     """The model on every local replica; a batch is cut into contiguous per-replica slices."""
 
+    precision = "f32"
+
     def __init__(self, model, strategy, strategy_name: str):
         import tensorflow as tf
 

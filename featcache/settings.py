@@ -30,7 +30,8 @@ class FeatureSettings:
     cache_dir: str = "cache"
     views: tuple[str, ...] = ("orig",)
     skip_corrupt: bool = False
-    # 'auto' (bf16 where OpenVINO runs on an AMX CPU, else f32), 'f32' or 'bf16'; see featcache.engines.
+    # 'auto' (what is cached already, else the fastest engine measured here), 'f32' or 'bf16'; see
+    # featcache.engines and extraction._Runner.resolve_precision.
     precision: str = "auto"
 
     def backbones(self) -> list[str]:

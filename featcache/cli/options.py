@@ -16,8 +16,9 @@ Data = Annotated[str, typer.Option("--data", "-d", help="'cifar10', 'digits', an
 Size = Annotated[Optional[int], typer.Option("--size", "-s", help="Backbone input size in pixels (default: the backbone's own).")]
 Pooling = Annotated[str, typer.Option("--pooling", help="Global pooling: 'avg' or 'max'.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Stored feature dtype: 'float16' or 'float32'.")]
-Precision = Annotated[str, typer.Option("--precision", help="Engine arithmetic: 'auto' (bf16 where OpenVINO runs on "
-                                        "an AMX CPU, else f32), 'f32' or 'bf16'; part of the cache key.")]
+Precision = Annotated[str, typer.Option("--precision", help="Engine arithmetic: 'auto' (what is already "
+                                        "cached, else the fastest measured here: bf16 only on a CPU with AMX or "
+                                        "AVX512-BF16), 'f32' or 'bf16'; bf16 is part of the cache key.")]
 CacheDir = Annotated[str, typer.Option("--cache-dir", help="Folder holding cache files.")]
 Views = Annotated[str, typer.Option("--views", help="Comma-separated views: 'orig', 'flip' (horizontal mirror).")]
 SkipCorrupt = Annotated[bool, typer.Option("--skip-corrupt", help="Skip unreadable images (counted and recorded) "
