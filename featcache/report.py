@@ -237,7 +237,8 @@ def errors_line(record: Mapping[str, Any], folder: PathLike) -> str:
     pairs = record.get("most_confused") or []
     confused = ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in pairs[:3]) or "none"
     picture = Path(folder) / interpretation.TOP_LOSSES_FILE
-    shown = f"worst validation images: {picture}" if picture.exists() else str(record.get("top_losses_note", ""))
+    shown = (f"worst validation images: {picture}" if picture.exists()
+             else str(record.get("top_losses_note", "")).rstrip("."))
     return f"{shown}; most confused: {confused}"
 
 

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 
@@ -212,3 +211,17 @@ def test_read_only_folder_is_one_line(made, read_only):
         export_run(made["runs"]["mlp"].run_id, made["cache_dir"], ExportOptions(out=str(read_only / "m.tflite")),
                    log=quiet)
     assert not list(read_only.iterdir())
+
+
+def test_force_replaces_an_earlier_export_file_or_folder(made, tmp_path):
+    run = made["runs"]["linear"]
+    for fmt, out in (("savedmodel", tmp_path / "sm"), ("tflite", tmp_path / "m.tflite")):
+        first = export_run(run.run_id, made["cache_dir"], ExportOptions(format=fmt, out=str(out)), log=quiet)
+        with pytest.raises(FeatcacheError, match="already exists; pass --force"):
+            export_run(run.run_id, made["cache_dir"], ExportOptions(format=fmt, out=str(out)), log=quiet)
+        again = export_run(run.run_id, made["cache_dir"], ExportOptions(format=fmt, out=str(out), force=True),
+                           log=quiet)
+        assert again["path"] == first["path"] and out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.txt", "m.tflite", "sm"]  # nothing aside is left
+    paths = [e["path"] for e in load_run(made["cache_dir"], run.run_id).record["exports"]]
+    assert paths.count(str(tmp_path / "sm")) == 1  # a replaced export is listed once

@@ -94,7 +94,7 @@ def test_a_run_without_its_images_still_lists_its_losses_and_confusions(cache_di
     assert record["most_confused"] == [{"true": "cat", "predicted": "dog", "count": 2},
                                        {"true": "dog", "predicted": "frog", "count": 1},
                                        {"true": "frog", "predicted": "cat", "count": 1}]
-    assert errors_line(record, path) == (f"{record['top_losses_note']}; most confused: cat -> dog (2), "
+    assert errors_line(record, path) == (f"{record['top_losses_note'].rstrip('.')}; most confused: cat -> dog (2), "
                                          "dog -> frog (1), frog -> cat (1)")
     assert "cat -> dog: 2" in (path / "classification_report.txt").read_text()
 

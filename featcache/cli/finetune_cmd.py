@@ -65,10 +65,10 @@ def finetune(
     if record.get("run_id") is None:  # a non-chief worker of --strategy multiworker: the chief writes the run
         typer.echo("worker done; the chief writes the run")
         return
-    typer.echo(f"run {record['run_id']}: val_acc {record['val_acc']:.4f}  test_acc {record['test_acc']:.4f}  "
-               f"({record['seconds']:.0f}s; see `featcache runs`)")
     from ..report import errors_line
     from ..runs import runs_root
 
-    typer.echo(errors_line(record, runs_root(settings.cache_dir) / record["run_id"]))
+    typer.echo(errors_line(record, runs_root(settings.cache_dir) / record["run_id"]))  # the result line stays last
+    typer.echo(f"run {record['run_id']}: val_acc {record['val_acc']:.4f}  test_acc {record['test_acc']:.4f}  "
+               f"({record['seconds']:.0f}s; see `featcache runs`)")
 

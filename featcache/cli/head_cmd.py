@@ -69,9 +69,9 @@ def head(
         return
     run = heads.train_head(settings, config, log=typer.echo if verbose else None)
     record = run.record
+    typer.echo(errors_line(record, run.path))  # before the result line, which stays last
     typer.echo(f"{record['head']} on {record['backbone']}: val {run.val_acc:.4f}  test {run.test_acc:.4f}  "
                f"{record['seconds']:.1f}s (+{record['load_seconds']:.1f}s loading)  {run.path}")
-    typer.echo(errors_line(record, run.path))
 
 
 @app.command()
