@@ -497,8 +497,6 @@ def finish_run(work_dir: Path, settings: FeatureSettings, config: FinetuneConfig
     history = _history(work_dir / "history.csv")
     with runs.staged_run_dir(final) as tmp:
         model.save(tmp / "model.keras")
-        if config.export:
-            model.export(str(tmp / "saved_model"), verbose=False)
         for name in ("history.csv", "logs"):
             if (work_dir / name).exists():
                 shutil.move(str(work_dir / name), str(tmp / name))
@@ -508,7 +506,13 @@ def finish_run(work_dir: Path, settings: FeatureSettings, config: FinetuneConfig
         record = report.write_run(tmp, run_settings, record, class_names, *val, *test, history=history,
                                   val_images=val_images)
     _discard_work_dir(work_dir)
-    log(f"wrote {final / 'model.keras'}" + (f" and SavedModel {final / 'saved_model'}" if config.export else ""))
+    log(f"wrote {final / 'model.keras'}")
+    if config.export:  # the exporter table, self-checked on validation like `featcache export`
+        from .exporters import ExportOptions, export_run
+
+        export_run(runs.read_run(final), settings.cache_dir,
+                   ExportOptions(format="savedmodel", out=str(final / "saved_model")), log=log)
+        record = runs.read_run(final).record
     return record
 
 
