@@ -290,12 +290,12 @@ def test_continued_head_records_the_saved_architecture_not_the_default(cache_dir
 
 
 def test_bad_init_fails_before_any_features_load(cache_dir, monkeypatch):
-    import featcache.heads as heads_module
+    import featcache.heads.records as records
 
     def no_loading(*args, **kwargs):
         raise AssertionError("features were loaded before --init was checked")
 
-    monkeypatch.setattr(heads_module, "load_head_data", no_loading)
+    monkeypatch.setattr(records, "load_head_data", no_loading)
     settings = settings_for(cache_dir)
     with pytest.raises(FeatcacheError, match="No run 'nope'"):
         train_head(settings, HeadConfig(kind="linear", init="nope"))
@@ -347,11 +347,12 @@ def test_grid_does_not_multiply_settings_a_kind_ignores():
 
 def test_sweep_loads_once_and_ranks_on_validation(cache_dir, monkeypatch):
     import featcache.heads as heads
+    import featcache.heads.records as records
 
     settings = make_caches(cache_dir)
     calls = []
     real = heads.load_head_data
-    monkeypatch.setattr(heads, "load_head_data", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(records, "load_head_data", lambda *a, **k: calls.append(1) or real(*a, **k))
     built = []
     build = heads.Prepared.train_tensor.func
     counted = functools.cached_property(lambda self: built.append(1) or build(self))
