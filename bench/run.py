@@ -161,7 +161,9 @@ def figure_extraction(backbone: str, sizes: tuple, work: Path, source: Path, pea
     images, labels, files, images_note = load_images(max(sizes), source, work)
     cache_dir = work / "cache"
     say(f"{backbone}: engine warm-up: converts the engine artefacts and lets 'auto' measure (untimed)")
-    warm = write_folder(work / f"{backbone}-warmup", files[:40], labels[:40])
+    # A few images of every class: the sample is sorted by file, and files are listed by class.
+    few = np.concatenate([np.flatnonzero(labels == c)[:4] for c in np.unique(labels)])
+    warm = write_folder(work / f"{backbone}-warmup", [files[j] for j in few], labels[few])
     decided = child("featcache", {"backbone": backbone, "weights": weights, "data": str(warm), "size": 224,
                                   "cache_dir": str(cache_dir), "engine": engine, "batch_size": batch, "decide": True})
     rows = []
