@@ -156,7 +156,8 @@ def featcache_extract(args: dict) -> dict:
     attrs = read_attrs(path)
     seconds = float(attrs["extract_seconds"])
     n = int(attrs["n_rows"])
-    return {"images": n, "seconds": seconds, "images_per_s": n / seconds, **cadence(stamps),
+    # A cache assembled from an interrupted run's chunks records 0 s: no rate (the warm-up may meet one).
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds if seconds else None, **cadence(stamps),
             "engine_share_of_time": sum(engine_seconds) / seconds if seconds else None, "wall_seconds": wall,
             "engine": attrs["engine"], "precision": attrs.get("precision", "f32"), "feed": attrs.get("feed"),
             "batch_size": int(attrs["batch_size"]), "cache": str(path), "log": messages, **peak_rss_mb()}
