@@ -2,7 +2,8 @@
 #   make features BACKBONE=xception
 #   make head HEAD=logreg
 #   make finetune EPOCHS=1
-#   make finetune EPOCHS=1 FINETUNE_ARGS="--max-steps 20 --subset 500 --unfreeze top:20"
+#   make finetune EPOCHS=3 VIEWS=orig,flip     (no GPU: trains the top stages from cached activations)
+#   make finetune MODE=full EPOCHS=1 FINETUNE_ARGS="--max-steps 20 --subset 500 --unfreeze top:20"
 PYTHON ?= python3
 VENV ?= .venv
 FC := $(VENV)/bin/featcache
@@ -20,6 +21,10 @@ HEAD ?= mlp
 EPOCHS ?=
 LR ?=
 RUN ?=
+# finetune: MODE auto (full with a GPU, else cached), cached or full; CUT top:N or a layer (cached mode, and
+# `make features CUT=...` to cache those activations alone).
+MODE ?= auto
+CUT ?=
 
 # Path variables are quoted so that folders with spaces or non-ASCII names work in every target.
 FEATURE_ARGS = --backbone "$(BACKBONE)" --weights "$(WEIGHTS)" --data "$(DATA)" --cache-dir "$(CACHE_DIR)" \
@@ -36,7 +41,7 @@ test:
 	$(VENV)/bin/python -m pytest -q
 
 features:
-	$(FC) features $(FEATURE_ARGS) --engine $(ENGINE) $(if $(BATCH),--batch-size $(BATCH))
+	$(FC) features $(FEATURE_ARGS) --engine $(ENGINE) $(if $(BATCH),--batch-size $(BATCH)) $(if $(CUT),--cut "$(CUT)")
 
 head:
 	$(FC) head $(FEATURE_ARGS) --head $(HEAD) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH)) $(if $(LR),--lr $(LR))
@@ -45,7 +50,7 @@ sweep:
 	$(FC) head $(FEATURE_ARGS) --sweep $(if $(EPOCHS),--epochs $(EPOCHS))
 
 finetune:
-	$(FC) finetune $(FEATURE_ARGS) $(if $(RUN),--run $(RUN)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH)) $(FINETUNE_ARGS)
+	$(FC) finetune $(FEATURE_ARGS) --mode "$(MODE)" $(if $(CUT),--cut "$(CUT)") $(if $(RUN),--run $(RUN)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH),--batch-size $(BATCH)) $(FINETUNE_ARGS)
 
 bench:
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
@@ -56,7 +61,7 @@ demo:
 	$(FC) features $(DEMO_ARGS) --no-progress
 	$(FC) head $(DEMO_ARGS) --head logreg
 	$(FC) head $(DEMO_ARGS) --head mlp --epochs 30
-	$(FC) finetune $(DEMO_ARGS) --epochs 1 --max-steps 25 --unfreeze top:20 --no-export
+	$(FC) finetune $(DEMO_ARGS) --epochs 1 --max-steps 25 --no-export
 	$(FC) runs --cache-dir "$(CACHE_DIR)"
 
 # Removes only what featcache made inside CACHE_DIR (and refuses an empty, root, home or project CACHE_DIR).

@@ -4,7 +4,7 @@ Public API (imported lazily so that ``import featcache`` does not import TensorF
 
     featcache.extract(FeatureSettings(...))          # stage 1: features -> HDF5 cache
     featcache.train_head(FeatureSettings(...), HeadConfig(...))   # stage 2: head from the cache
-    featcache.finetune(...)                          # stage 3: backbone + head, end to end
+    featcache.finetune(...)                          # stage 3: top stages + head (cached on CPU, end to end on GPU)
     featcache.create_backbone(name, weights, input_size)
     featcache.list_backbones(); featcache.load_dataset(source)
     featcache.predict(model_or_run, images)          # a run id, a .keras, .tflite or SavedModel export

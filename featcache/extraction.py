@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,7 +20,7 @@ import numpy as np
 from .backbones import get_spec, preprocess_key, resolve_size, weights_identity
 from .cache import DamagedChunk, FeatureKey, HDF5Writer, PartStore, base_attrs, check, lock_for
 from .datasets import SPLITS, Dataset, Split, load_dataset
-from .errors import brief, FeatcacheError, InvalidArgument, choice_error
+from .errors import FeatcacheError, InvalidArgument, choice_error
 from .lookup import check_settings, data_source_id
 from .settings import FeatureSettings
 
@@ -40,6 +38,8 @@ class ExtractOptions:
     mixed_precision: bool = False
     progress: bool = True
     strategy: str = "none"
+    # An activation cache instead of pooled features: 'top:N' or a layer name (featcache.activations).
+    cut: Optional[str] = None
 
 
 def default_batch_size() -> int:
@@ -50,20 +50,21 @@ def default_batch_size() -> int:
 
 
 def feature_key(settings: FeatureSettings, backbone: str, dataset: Dataset, split: str, view: str,
-                precision: str = "f32") -> FeatureKey:
-    """The exact key of one split/view, from validated settings and the resolved precision."""
+                precision: str = "f32", cut: str = "") -> FeatureKey:
+    """The exact key of one split/view, from validated settings, the resolved precision and cut (if any)."""
     spec = get_spec(backbone)
     return FeatureKey(
         backbone=spec.name,
         weights=weights_identity(settings.weights),
         size=resolve_size(spec, settings.size),
         preprocess=preprocess_key(spec.name),
-        pooling=settings.pooling,
+        pooling="none" if cut else settings.pooling,
         dtype=settings.dtype,
         dataset=dataset[split].fingerprint,
         split=split,
         view=view,
         precision=precision,
+        cut=cut,
     )
 
 
@@ -86,6 +87,8 @@ def validate(settings: FeatureSettings, options: ExtractOptions) -> None:
     from .distribute import check_strategy
 
     check_strategy(options.strategy, options.engine)
+    if options.cut is not None and options.strategy != "none":
+        raise InvalidArgument("--cut extracts on one device; drop --strategy.")
     if options.strategy != "none" and settings.precision == "bf16":
         raise InvalidArgument(f"--strategy {options.strategy} runs the Keras engine in f32; "
                               "use --precision f32 (or auto) with it.")
@@ -115,10 +118,16 @@ def extract(settings: FeatureSettings, options: ExtractOptions = ExtractOptions(
         rows = sum(len(dataset[split]) for split in options.splits) * len(settings.views)
         runner = _Runner(settings, options, backbone, log, distribution, rows)
         precision = runner.resolve_precision(dataset)
-        for view in settings.views:
-            for split in options.splits:
-                key = feature_key(settings, backbone, dataset, split, view, precision)
-                paths.append(runner.ensure(cache_dir / key.filename, key, dataset, split))
+        keys = [(feature_key(settings, backbone, dataset, split, view, precision, runner.cut_name), split)
+                for view in settings.views for split in options.splits]
+        if runner.cut is not None:
+            from .activations import require_disk
+            from .cache import expected_bytes
+
+            require_disk(cache_dir, {key.filename: expected_bytes(len(dataset[split]), runner.cut.width, key.dtype)
+                                     for key, split in keys if not (cache_dir / key.filename).exists()}, log)
+        for key, split in keys:
+            paths.append(runner.ensure(cache_dir / key.filename, key, dataset, split))
     return paths
 
 
@@ -138,6 +147,15 @@ class _Runner:
         self._model = None
         self._engines: dict = {}
         self.batch_size = options.batch_size
+        self.cut = None  # a CutInfo when extracting activations
+        if options.cut is not None:
+            from .activations import describe_cut
+
+            self.cut = describe_cut(self.spec, self.size, options.cut)
+
+    @property
+    def cut_name(self) -> str:
+        return self.cut.cut.name if self.cut is not None else ""
 
     def resolve_precision(self, dataset: Dataset) -> str:
         """The precision of this call's caches, the same for every split and view.
@@ -157,7 +175,7 @@ class _Runner:
             for view in self.settings.views:
                 for split in self.options.splits:
                     path = cache_dir / feature_key(self.settings, self.spec.name, dataset, split, view,
-                                                   precision).filename
+                                                   precision, self.cut_name).filename
                     work[precision] = work.get(precision, 0) + path.exists() + PartStore(path, {}).dir.exists()
         usable = [p for p in ("f32", "bf16") if work[p] and (p == "f32" or native_bf16())]
         if usable:
@@ -207,7 +225,8 @@ class _Runner:
         pixels = f"-from{fed[0]}x{fed[1]}" if fed else ""
         mixed = "-mixed16" if self.options.mixed_precision else ""
         weights = weights_identity(self.settings.weights).replace(":", "_")
-        return f"{self.spec.name}-{self.size}-{self.settings.pooling}-{weights}{pixels}{mixed}"
+        pooling = f"cut.{self.cut_name.replace(':', '.')}" if self.cut else self.settings.pooling
+        return f"{self.spec.name}-{self.size}-{pooling}-{weights}{pixels}{mixed}"
 
     def backbone(self):
         """The frozen backbone on preprocessed inputs, built once (inside the strategy's scope)."""
@@ -228,6 +247,10 @@ class _Runner:
                 self._model = create_backbone(self.spec.name, self.settings.weights, self.size,
                                               self.settings.pooling, cache_dir=self.settings.cache_dir,
                                               dtype_policy=policy)
+                if self.cut is not None:
+                    from .activations import lower_model
+
+                    self._model = lower_model(self._model, self.cut.cut)
             require_memory(self._model, self.batch_size, f"{self.spec.name}", self.log)
         return self._model
 
@@ -288,8 +311,13 @@ class _Runner:
         width = self.check_width(first["features"])
         skipped = self.skipped(dataset, split)
         fed = self.fed(data)
+        extra = {}
+        if self.cut is not None:
+            from .activations import cut_attrs
+
+            extra = cut_attrs(self.cut)
         attrs = self.cache_attrs(key, dataset, split, engine.name, batch, seconds,
-                                 feed=f"pixels {fed[0]}x{fed[1]}" if fed else "prepared")
+                                 feed=f"pixels {fed[0]}x{fed[1]}" if fed else "prepared", **extra)
         writer = None
         try:
             writer = HDF5Writer(path, n, width, key.dtype)
@@ -325,8 +353,9 @@ class _Runner:
 
     def check_width(self, features: np.ndarray) -> int:
         width = int(features.shape[1])
-        if width != self.spec.width:
-            raise FeatcacheError(f"{self.spec.name} produced features of width {width}, expected {self.spec.width}.")
+        expected = self.cut.width if self.cut is not None else self.spec.width
+        if width != expected:
+            raise FeatcacheError(f"{self.spec.name} produced features of width {width}, expected {expected}.")
         return width
 
     @staticmethod
@@ -338,7 +367,8 @@ class _Runner:
         """The attributes a finished cache file records, single-process or merged from workers."""
         return base_attrs(key, dataset.class_names, {
             "data_source": data_source_id(self.settings.data),
-            "make_command": FeatureSettings(**{**self.settings.__dict__, "backbone": self.spec.name}).make_command(),
+            "make_command": FeatureSettings(**{**self.settings.__dict__, "backbone": self.spec.name}).make_command()
+            + (f" CUT={self.cut_name}" if self.cut else ""),
             "engine": engine,
             "batch_size": batch,
             **extra,
@@ -349,50 +379,10 @@ class _Runner:
 
     def _run(self, engine, data: Split, key: FeatureKey, store: PartStore, done: int, start: int,
              chunk_rows: int) -> None:
-        import tensorflow as tf
-        from tqdm import tqdm
-
+        from .chunk_writer import run_into_chunks
         from .feeding import make_stream
 
         stream = make_stream(data, self.spec.name, self.size, key.view, start, self.batch_size,
                              pixels=self.fed(data) is not None)
-        bar = tqdm(total=len(data), initial=start, unit="img", desc=f"{self.spec.name} {data.name}/{key.view}",
-                   disable=not self.options.progress, file=sys.stderr, dynamic_ncols=True)
-        writer = ThreadPoolExecutor(max_workers=1)
-        pending: Optional[Future] = None
-        buffered: list[np.ndarray] = []
-        row, chunk = start, done
-        try:
-            iterator = iter(stream)
-            while True:
-                try:
-                    images = next(iterator)
-                except StopIteration:
-                    break
-                except tf.errors.OpError as exc:
-                    raise FeatcacheError(
-                        f"Could not read or decode an image of {data.name} near row {row + sum(len(b) for b in buffered)}: "
-                        f"{brief(exc.message)}") from None
-                buffered.append(engine(images))
-                bar.update(int(images.shape[0]))
-                rows_buffered = sum(len(b) for b in buffered)
-                if rows_buffered >= chunk_rows or row + rows_buffered >= len(data):
-                    features = np.concatenate(buffered).astype(key.dtype)
-                    buffered = []
-                    stop = row + features.shape[0]
-                    if not np.all(np.isfinite(features)):
-                        raise FeatcacheError(
-                            f"{self.spec.name} produced NaN or infinite features for {data.name} rows {row}..{stop - 1}"
-                            f"{' (float16 overflow? try --dtype float32)' if key.dtype == 'float16' else ''}.")
-                    if pending is not None:
-                        pending.result()
-                    pending = writer.submit(store.save, chunk, features, data.labels[row:stop],
-                                            np.arange(row, stop, dtype=np.int64))
-                    row, chunk = stop, chunk + 1
-            if pending is not None:
-                pending.result()
-        finally:
-            writer.shutdown(wait=True)
-            bar.close()
-        if row != len(data):
-            raise FeatcacheError(f"Extraction of {data.name} stopped at row {row} of {len(data)}; rerun to resume.")
+        run_into_chunks(engine, stream, data, key, store, done, start, chunk_rows,
+                        label=f"{self.spec.name} {data.name}/{key.view}", progress=self.options.progress)

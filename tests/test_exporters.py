@@ -24,7 +24,7 @@ from featcache.exporters import EXPORTERS, ExportOptions, export_run
 from featcache.runs import load_run
 
 tiny.register_tiny()
-KINDS = ("logreg", "linear", "mlp", "concat_views", "finetune")
+KINDS = ("logreg", "linear", "mlp", "concat_views", "finetune", "finetune_cached")
 
 
 def quiet(message: str) -> None:
@@ -41,6 +41,7 @@ def made(tmp_path_factory):
     both = tiny.tiny_settings(data, root / "cache", "tiny_a+tiny_b", ("orig", "flip"))
     runs["concat_views"] = tiny.head_run(both, "mlp")
     runs["finetune"] = tiny.finetune_run(settings, runs["mlp"])
+    runs["finetune_cached"] = tiny.finetune_run(settings, runs["mlp"], mode="cached")
     images = sorted((data / "test").glob("*/*"))
     return {"runs": runs, "settings": settings, "cache_dir": Path(settings.cache_dir), "images": images, "root": root}
 

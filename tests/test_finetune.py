@@ -26,7 +26,8 @@ from featcache.runs import list_runs
 from featcache.settings import FeatureSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ft.FinetuneConfig(epochs=1, batch_size=8, unfreeze="top:2", max_steps=1, check_images=4, verbose=0)
+# End to end (the GPU's mode), forced on this CPU; test_cached_finetune covers the CPU's mode.
+FAST = ft.FinetuneConfig(epochs=1, batch_size=8, unfreeze="top:2", max_steps=1, check_images=4, verbose=0, mode="full")
 
 
 def quiet(message: str) -> None:

@@ -47,7 +47,7 @@ def register_tiny() -> None:
         if name not in _REGISTRY:
             register(BackboneSpec(name=name, family="test", builder=_builder(filters), preprocess=preprocess,
                                   preprocess_id=pid, default_size=24, min_size=16, width=filters,
-                                  weights_source="random only (tests)"))
+                                  weights_source="random only (tests)", stages=("output", r"^conv_(\d+)$")))
 
 
 def make_data(root: Path, n_train: int = 50, n_test: int = 4) -> Path:
@@ -83,13 +83,14 @@ def head_run(settings, kind: str = "mlp", **config):
     return train_head(settings, HeadConfig(kind=kind, **{**defaults, **config}))
 
 
-def finetune_run(settings, head):
-    """A one-step fine-tune run started from ``head`` (a head run on ``settings``)."""
+def finetune_run(settings, head, mode: str = "full"):
+    """A one-step fine-tune run started from ``head`` (a head run on ``settings``); ``mode='cached'`` trains
+    the layers above ``conv_1`` from its activation cache."""
     from featcache.finetuning import FinetuneConfig, finetune
     from featcache.runs import load_run
 
     record = finetune(settings, FinetuneConfig(run=head.run_id, epochs=1, batch_size=16, unfreeze="top:1",
-                                               max_steps=1, check_images=4, verbose=0, export=False),
+                                               max_steps=1, check_images=4, verbose=0, export=False, mode=mode),
                       log=lambda m: None)
     return load_run(settings.cache_dir, record["run_id"])
 

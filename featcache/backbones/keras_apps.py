@@ -40,6 +40,19 @@ def _preprocess(module: str):
     return preprocess
 
 
+# Stage boundaries: block outputs after the residual add (or the pooling / concatenation ending a stage).
+_EFFICIENTNET_STAGES = ("output", r"^block(\d+)[a-z]+_")
+_STAGES = {
+    "xception": ("input", r"^block(\d+)_sepconv1(?:_act)?$"),  # its adds have session-dependent names
+    "resnet50": ("output", r"^conv(\d)_block\d+_out$"),
+    "inceptionv3": ("output", r"^mixed(\d+)$"),
+    "vgg19": ("output", r"^block(\d)_pool$"),
+    "efficientnetv2s": _EFFICIENTNET_STAGES,
+    "efficientnetb0": _EFFICIENTNET_STAGES,
+    "mobilenetv2": ("output", r"^block_(\d+)_(?:add|project_BN)$"),
+    "densenet121": ("output", r"^conv(\d)_block\d+_concat$"),
+}
+
 _RECORDS = [
     # name, family, keras class, preprocess, preprocess id, default size, min size, width
     ("xception", "xception", "Xception", _preprocess("xception"), "tf:[-1,1]", 299, 71, 2048),
@@ -65,5 +78,6 @@ for _name, _family, _cls, _pre, _pre_id, _default, _min, _width in _RECORDS:
             min_size=_min,
             width=_width,
             weights_source=f"keras.applications download ({_DOWNLOAD_BASE})",
+            stages=_STAGES.get(_name),
         )
     )

@@ -25,6 +25,9 @@ class BackboneSpec:
     expects. ``preprocess_id`` names that mapping in cache keys, so two
     backbones sharing a preprocessing share its id.
 
+    ``stages`` and ``default_cut`` say where a cached fine-tune may cut the
+    network (``featcache.backbones.cuts``).
+
     ``imagenet_weights(cache_dir)`` is set for backbones whose ImageNet
     weights are not downloaded by Keras (the EfficientNet-Lite family): it
     returns the path of a Keras weights file, converting it on first use.
@@ -41,6 +44,11 @@ class BackboneSpec:
     weights_source: str
     imagenet_weights: Optional[Callable] = None
     aliases: tuple = field(default=())
+    # Stage boundaries, where the network can be cut cleanly (``featcache.backbones.cuts``):
+    # ('output', regex) takes the output of the last layer of each stage, ('input', regex) the input of the
+    # first one; the regex's first group numbers the stage. None: only a layer name can be given.
+    stages: Optional[tuple[str, str]] = None
+    default_cut: str = "top:1"
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}

@@ -27,12 +27,20 @@ def finetune(
                                                 "from; default: the best head on validation for this cache.")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs (default 5).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch (default 32).")] = None,
-    learning_rate: Annotated[float, typer.Option("--lr", "--learning-rate", help="Learning rate.")] = 1e-5,
+    mode: Annotated[str, typer.Option(help="'auto' (full with a GPU, else cached), 'cached' (train the top stages "
+                                      "from cached activations at --cut) or 'full' (end to end).")] = "auto",
+    cut: Annotated[Optional[str], typer.Option("--cut", help="Cached mode: 'top:N' or a layer name (default: the "
+                                               "backbone's; see `featcache backbones --cuts NAME`).")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option("--lr", "--learning-rate", help="Learning rate (default "
+                                                           "3e-4 cached, 1e-5 full).")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="'cosine' (default cached) or 'plateau' (halve on a "
+                                                    "validation plateau; default full).")] = None,
     optimizer: Annotated[str, typer.Option(help="'adam', 'rmsprop' or 'sgd' (momentum 0.9).")] = "adam",
-    unfreeze: Annotated[str, typer.Option(help="'all', 'top:N' (the last N backbone layers with weights) or 'from:LAYER'; "
-                                          "BatchNormalization layers always stay frozen.")] = "all",
-    flip: Annotated[bool, typer.Option(help="Random horizontal flips while training.")] = True,
-    translate: Annotated[float, typer.Option(help="Random translation while training, as a fraction of "
+    unfreeze: Annotated[str, typer.Option(help="Full mode: 'all', 'top:N' (the last N backbone layers with weights) or "
+                                          "'from:LAYER'; BatchNormalization layers always stay frozen.")] = "all",
+    flip: Annotated[bool, typer.Option(help="Full mode: random horizontal flips while training (cached mode draws "
+                                       "one of the cached --views per image).")] = True,
+    translate: Annotated[float, typer.Option(help="Full mode: random translation while training, as a fraction of "
                                              "the image (0 turns it off).")] = 0.1,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Cap on steps per epoch.")] = None,
     subset: Annotated[Optional[int], typer.Option("--subset", help="Use at most N images (stratified) of "
@@ -44,7 +52,7 @@ def finetune(
                                           "(TF_CONFIG).")] = "none",
     seed: Annotated[int, typer.Option(help="Seed for shuffling and augmentation.")] = 0,
 ) -> None:
-    """Fine-tune backbone + head end to end, starting from a head trained on the cache."""
+    """Fine-tune the backbone's top with the head, starting from a head trained on the cache."""
     from ..finetuning import FinetuneConfig, finetune as run_finetune
 
     settings = feature_settings(backbone, weights, data, size, pooling, dtype, cache_dir, views, skip_corrupt,
@@ -53,7 +61,7 @@ def finetune(
     config = FinetuneConfig(
         run=run, epochs=defaults.epochs if epochs is None else epochs,
         batch_size=defaults.batch_size if batch_size is None else batch_size,
-        learning_rate=learning_rate, optimizer=optimizer, unfreeze=unfreeze, flip=flip, translate=translate,
+        mode=mode, cut=cut, learning_rate=learning_rate, schedule=schedule, optimizer=optimizer, unfreeze=unfreeze, flip=flip, translate=translate,
         max_steps=max_steps, subset=subset, export=export, patience=patience, mixed_precision=mixed_precision,
         strategy=strategy, seed=seed)
     try:
