@@ -1,6 +1,6 @@
 """Cached fine-tuning against the same training end to end, side by side on one CIFAR-10 subset.
 
-Both routes start from the same lite0 mlp head, train the same layers (those
+Both routes start from the same lite0 linear head, train the same layers (those
 above the cut: ``--cut top:2`` cached, ``--unfreeze above:top:2`` end to end)
 for the same epochs at the same learning rate and schedule, with the same
 augmentation (a horizontal mirror: a cached ``flip`` view against
@@ -99,14 +99,14 @@ def main() -> int:
     say(f"machine: {info['cpu_model']}, {info['cores']} cores; work folder {work}")
     result = {"machine": info, "args": vars(args), "figures": {}}
     common = ["-b", "efficientnet_lite0", "-w", "imagenet", "--epochs", str(args.epochs), "--no-export",
-              "--lr", "3e-4", "--schedule", "cosine"]
+              "--lr", "1e-4", "--schedule", "cosine"]
 
     folder = subset_folder(args.train, work, Path(args.data), args.test)
     cache = work / "cache-side-by-side"
     base = ["-b", "efficientnet_lite0", "-w", "imagenet", "-d", str(folder), "--cache-dir", str(cache)]
-    say(f"side by side: {args.train} images ({folder.name}); pooled features and an mlp head first (untimed)")
+    say(f"side by side: {args.train} images ({folder.name}); pooled features and a linear head first (untimed)")
     cli("features", *base, "--no-progress")
-    cli("head", *base, "--head", "mlp")
+    cli("head", *base, "--head", "linear")
     figures = {}
     say("cached: activation extraction (orig + flip views) and training")
     figures["cached"] = cli("finetune", *common, "-d", str(folder), "--cache-dir", str(cache), "--mode", "cached",
@@ -156,7 +156,7 @@ def render(result: dict) -> str:
     lines = [
         f"# Cached fine-tuning against end to end ({m['date']}, {m['cpu_model']}, {m['cores']} cores)", "",
         f"EfficientNet-Lite0 @224 (ImageNet), {a['train']} CIFAR-10 train images (10% of them validation), "
-        f"{a['test']} test images, {a['epochs']} epochs above cut {a['cut']}, lr 3e-4 cosine, from the same mlp head. "
+        f"{a['test']} test images, {a['epochs']} epochs above cut {a['cut']}, lr 1e-4 cosine, from the same linear head. "
         "Wall time of each `featcache finetune` call (cached: activation extraction included).", "",
         "| route | wall | peak RSS | val acc | test acc |", "|---|---|---|---|---|",
         f"| cached (`--mode cached --cut {a['cut']} --views orig,flip`) | {c['seconds']:.0f} s | {c['peak_rss_mb']:.0f} MB "

@@ -80,3 +80,25 @@ def test_random_weights_are_reproducible():
     first = create_backbone("resnet50", weights="none", input_size=32)(x)
     second = create_backbone("resnet50", weights="none", input_size=32)(x)
     np.testing.assert_array_equal(first, second)
+
+
+def test_building_random_weights_leaves_the_callers_generators_and_dtype_policy_alone():
+    import random
+
+    import keras
+    import numpy as np
+
+    from featcache.backbones import create_backbone
+
+    random.seed(5)
+    np.random.seed(5)
+    expected = (random.random(), np.random.rand())
+    random.seed(5)
+    np.random.seed(5)
+    policy = keras.config.dtype_policy().name
+    first = create_backbone("resnet50", None, 32, "avg", dtype_policy="float16")
+    assert (random.random(), np.random.rand()) == expected
+    assert keras.config.dtype_policy().name == policy
+    second = create_backbone("resnet50", None, 32, "avg")
+    np.testing.assert_array_equal(first.layers[1].get_layer("conv1_conv").get_weights()[0].astype("float16"),
+                                  second.layers[1].get_layer("conv1_conv").get_weights()[0].astype("float16"))

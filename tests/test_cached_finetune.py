@@ -93,7 +93,7 @@ def test_cached_run_trains_the_top_and_saves_one_image_model(made):
     assert any(m.startswith("check 1 ok: the top stages' features") for m in messages), messages
     assert any(m.startswith("check 2 ok") for m in messages)
     assert record["run_id"] in [r.run_id for r in list_runs(settings.cache_dir)]
-    for name in ("model.keras", "history.csv", "confusion_matrix.png", "top_losses.png"):
+    for name in ("model.keras", "history.csv", "curves.png", "confusion.png", "top_losses.png"):
         assert (run.path / name).exists(), name
     # the saved image model takes raw pixels and reproduces the run's validation accuracy
     from featcache.image_model import build_image_model
@@ -204,3 +204,16 @@ def test_the_image_model_equals_stem_top_and_head_run_separately_and_predicts(ma
     assert done.returncode == 0, done.stderr[-2000:]
     top = json.loads(done.stdout)[0]["classes"][0]
     assert top == record["class_names"][int(whole[0].argmax())]
+
+
+def test_unfreeze_above_a_cut_trains_what_the_cached_mode_trains(made):
+    """`--unfreeze above:CUT` (end to end) and `--cut CUT` (cached) use the same block groups."""
+    from featcache.backbones import create_backbone
+    from featcache.finetuning.model import unfreeze
+
+    settings, _ = made
+    backbone = create_backbone("tiny_a", None, 24, "avg", cache_dir=settings.cache_dir)
+    assert unfreeze(backbone, "above:top:1", "tiny_a") == ["conv_2"]
+    assert unfreeze(backbone, "above:conv_1", "tiny_a") == ["conv_2"]
+    with pytest.raises(InvalidArgument, match="use top:1 to top:1"):
+        unfreeze(backbone, "above:top:2", "tiny_a")

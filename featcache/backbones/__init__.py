@@ -8,6 +8,7 @@ images of shape ``(None, size, size, 3)`` to pooled features
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -142,6 +143,46 @@ def _load_weights_file(model, path: Path, spec: BackboneSpec) -> None:
         ) from None
 
 
+@contextlib.contextmanager
+def _seeded(seed: Optional[int]):
+    """Seed Python's, NumPy's, TensorFlow's and Keras' generators for a build, then give the caller back
+    Python's and NumPy's generator states, Keras' global seed generator and TensorFlow's global seed."""
+    if seed is None:
+        yield
+        return
+    import random
+
+    import keras
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    from keras.src.backend.common import global_state
+
+    keras_seed = global_state.get_global_attribute("global_random_seed")
+    keras_generator = global_state.get_global_attribute("global_seed_generator")
+    tf_seed = None
+    try:
+        from tensorflow.python.framework import random_seed
+
+        tf_seed = random_seed.get_seed(None)[0]
+    except Exception:  # pragma: no cover - another backend, or TensorFlow's internals moved
+        pass
+    keras.utils.set_random_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        global_state.set_global_attribute("global_random_seed", keras_seed)
+        global_state.set_global_attribute("global_seed_generator", keras_generator)
+        try:
+            import tensorflow as tf
+
+            tf.random.set_seed(tf_seed)
+        except ImportError:  # pragma: no cover
+            pass
+
+
 def create_backbone(
     name: str,
     weights: Union[str, os.PathLike, None] = "imagenet",
@@ -164,15 +205,14 @@ def create_backbone(
     if pooling not in POOLINGS:
         raise choice_error("pooling", POOLINGS, pooling)
     checked = _check_weights_arg(weights)
-    if checked is None:
-        # Seeded, so that 'none' names one network: the same features in every run,
-        # and a resumed extraction continues with the weights it started with.
-        keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
     previous = keras.config.dtype_policy()
     if dtype_policy is not None:
         keras.config.set_dtype_policy(dtype_policy)
     try:
-        base = _build_base(spec, (size, size, 3), checked, Path(cache_dir))
+        # Random weights are seeded, so that 'none' names one network: the same features in every run, and a
+        # resumed extraction continues with the weights it started with. The caller's generators are restored.
+        with _seeded(RANDOM_WEIGHTS_SEED if checked is None else None):
+            base = _build_base(spec, (size, size, 3), checked, Path(cache_dir))
     finally:
         keras.config.set_dtype_policy(previous)
     if isinstance(checked, Path):

@@ -32,7 +32,7 @@ def finetune(
     cut: Annotated[Optional[str], typer.Option("--cut", help="Cached mode: 'top:N' or a layer name (default: the "
                                                "backbone's; see `featcache backbones --cuts NAME`).")] = None,
     learning_rate: Annotated[Optional[float], typer.Option("--lr", "--learning-rate", help="Learning rate (default "
-                                                           "3e-4 cached, 1e-5 full).")] = None,
+                                                           "1e-4 cached, 1e-5 full).")] = None,
     schedule: Annotated[Optional[str], typer.Option(help="'cosine' (default cached) or 'plateau' (halve on a "
                                                     "validation plateau; default full).")] = None,
     optimizer: Annotated[str, typer.Option(help="'adam', 'rmsprop' or 'sgd' (momentum 0.9).")] = "adam",
@@ -63,7 +63,8 @@ def finetune(
         batch_size=defaults.batch_size if batch_size is None else batch_size,
         mode=mode, cut=cut, learning_rate=learning_rate, schedule=schedule, optimizer=optimizer, unfreeze=unfreeze, flip=flip, translate=translate,
         max_steps=max_steps, subset=subset, export=export, patience=patience, mixed_precision=mixed_precision,
-        strategy=strategy, seed=seed)
+        strategy=strategy, seed=seed,
+        verbose=1 if sys.stdout.isatty() else 2)  # a live bar with steps/s and ETA on a terminal; a line per epoch in logs
     try:
         record = run_finetune(settings, config, log=typer.echo)
     except KeyboardInterrupt:

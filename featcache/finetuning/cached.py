@@ -83,11 +83,9 @@ def freeze_below(base, upper) -> int:
 
 
 def predict(model, stream: ActivationStream) -> np.ndarray:
-    """``model``'s outputs on every batch of ``stream``, in order, in inference mode."""
-    import tensorflow as tf
-
-    fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    return np.concatenate([np.asarray(fn(tf.cast(x, tf.float32)), dtype=np.float32) for x, _ in stream])
+    """``model``'s outputs on every batch of ``stream``, in order, in inference mode (Keras keeps one traced
+    predict function per model)."""
+    return np.asarray(model.predict(stream.dataset(), verbose=0), dtype=np.float32)
 
 
 # The image model on images against the trained top on cached activations: a few hundred validation
@@ -185,7 +183,7 @@ def finetune_cached(settings: FeatureSettings, config: FinetuneConfig, log: Call
         val = stream(first, val_rows, train_labels).dataset()
         try:
             model.fit(train, validation_data=val, epochs=config.epochs, steps_per_epoch=steps,
-                      callbacks=own + list(callbacks), verbose=config.verbose)
+                      callbacks=own + list(callbacks), verbose=config.verbose, shuffle=False)
         except tf.errors.OpError as exc:
             raise FeatcacheError(f"Training stopped reading the activation cache: {brief(exc.message)}") from None
         train_seconds = time.perf_counter() - start

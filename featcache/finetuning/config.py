@@ -15,8 +15,11 @@ from ..heads import OPTIMIZERS
 # extraction batches differ from ours, so features must agree to within 1% + 0.01.
 FEATURE_RTOL = 1e-2
 FEATURE_ATOL = 1e-2
-# bf16 caches (OpenVINO on AMX) differ from Keras f32 by up to ~8% of single values; heads score the same.
+# bf16 caches (OpenVINO on AMX or AVX512-BF16) differ from Keras f32 by up to ~8% of single values, and by more
+# than that relative to small values; heads score the same. So with bf16 a value may also differ by 2% of the
+# largest value of its feature vector.
 BF16_FEATURE_RTOL = 1e-1
+BF16_ROW_ATOL = 2e-2
 # Check (2): validation accuracy before training must be within one point of the head's.
 VAL_ACC_TOLERANCE = 0.01
 
@@ -24,9 +27,10 @@ VAL_ACC_TOLERANCE = 0.01
 # whole backbone every step (a GPU's mode); 'auto' is 'full' where TensorFlow sees a GPU, else 'cached'.
 MODES = ("auto", "cached", "full")
 SCHEDULES = ("cosine", "plateau")
-# Measured on CIFAR-10 (issue 16): the top stages learn at 3e-4 from cached activations; end to end, the
-# whole network at 1e-5.
-DEFAULT_LR = {"cached": 3e-4, "full": 1e-5}
+# Cached: lite0's stages 6-7 from a linear head on 9,000 CIFAR-10 images (3 epochs, cosine): 1e-4 lifted
+# validation from 81.7% to 86.2%; one epoch at a constant 3e-4 lowered it to 81.1%.
+# End to end, the whole network at 1e-5.
+DEFAULT_LR = {"cached": 1e-4, "full": 1e-5}
 DEFAULT_SCHEDULE = {"cached": "cosine", "full": "plateau"}
 
 
