@@ -154,7 +154,7 @@ def test_ctrl_c_during_head_records_no_run(tmp_path):
 
 
 @pytest.mark.parametrize("args, message, code", [
-    (["finetune", "--head-run", "x"], "No such option: --head-run (Possible options: --run) (see `featcache finetune --help`)", 2),
+    (["finetune", "--head-run", "x"], "No such option: --head-run (Possible options: --run, --schedule) (see `featcache finetune --help`)", 2),
     (["predict", "model.keras"], "Missing argument 'images' (see `featcache predict --help`)", 2),
     (["cache", "rm"], "Missing argument 'target' (see `featcache cache rm --help`)", 2),
     (["features", "--size", "abc"], "Invalid value for '--size'", 2),

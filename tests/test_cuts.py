@@ -83,3 +83,18 @@ def test_a_family_without_stages_takes_a_layer_name_only():
     assert stage_cuts(spec, base) == []
     with pytest.raises(InvalidArgument, match="records no stage boundaries"):
         resolve_cut(spec, base, "top:1")
+
+
+def test_backbones_cuts_lists_shapes_and_sizes_and_refuses_unknown_names():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "featcache", "backbones", "--cuts", "efficientnet_lite0"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("efficientnet_lite0 at 224px (default cut top:2)")
+    assert any(line.split()[:4] == ["top:2", "block5c_add", "14x14x112", "41.9"] for line in lines), lines
+    bad = subprocess.run([sys.executable, "-m", "featcache", "backbones", "--cuts", "nosuchnet"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "Unknown backbone 'nosuchnet'" in bad.stderr and "Traceback" not in bad.stderr

@@ -83,9 +83,10 @@ def test_bf16_enters_the_key_and_f32_keeps_old_keys():
     import hashlib
     import json
 
-    fields = {k: v for k, v in dataclasses.asdict(old).items() if k != "precision"}
+    fields = {k: v for k, v in dataclasses.asdict(old).items() if k not in ("precision", "cut")}
     assert old.digest == hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]  # as before
     assert FeatureKey(**{**dataclasses.asdict(old), "precision": "bf16"}).digest != old.digest
+    assert FeatureKey(**{**dataclasses.asdict(old), "cut": "conv4_block6_out"}).digest != old.digest  # only when set
 
 
 def test_auto_measures_picks_the_fastest_and_caches_the_decision(tiny_model, tmp_path, monkeypatch):
