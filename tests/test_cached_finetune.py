@@ -217,3 +217,21 @@ def test_unfreeze_above_a_cut_trains_what_the_cached_mode_trains(made):
     assert unfreeze(backbone, "above:conv_1", "tiny_a") == ["conv_2"]
     with pytest.raises(InvalidArgument, match="use top:1 to top:1"):
         unfreeze(backbone, "above:top:2", "tiny_a")
+
+
+def test_check_1_on_bf16_caches_compares_directions():
+    """bf16 features differ value by value beyond any useful tolerance; their direction must match."""
+    from types import SimpleNamespace
+
+    from featcache.finetuning.checks import match_features
+
+    rng = np.random.default_rng(0)
+    cached = rng.uniform(0, 5, (8, 64)).astype(np.float16)
+    cache = SimpleNamespace(features=cached, indices=np.arange(8), key=SimpleNamespace(precision="bf16"),
+                            path=Path("x-224-train-orig-0123456789ab.h5"))
+    noisy = cached.astype(np.float32) * rng.normal(1, 0.05, cached.shape) + rng.normal(0, 0.1, cached.shape)
+    said = []
+    match_features(noisy, cache, np.arange(8), said.append)
+    assert "cosine >= 0.98" in said[0]
+    with pytest.raises(FeatcacheError, match=r"Self-check \(1\) failed: .* on 8 of 8 .*cosine >= 0.98"):
+        match_features(rng.uniform(0, 5, (8, 64)), cache, np.arange(8), quiet)

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import FeatcacheError
-from .config import BF16_FEATURE_RTOL, BF16_ROW_ATOL, FEATURE_ATOL, FEATURE_RTOL, VAL_ACC_TOLERANCE
+from .config import BF16_MIN_COSINE, FEATURE_ATOL, FEATURE_RTOL, VAL_ACC_TOLERANCE
 from .model import Inference
 
 # --- the start-up checks -----------------------------------------------------------------
@@ -24,35 +24,34 @@ def match_features(got: np.ndarray, cache, cache_rows: np.ndarray, log: Callable
                    what: str = "the rebuilt model's features", bf16: bool = False) -> float:
     """Check (1) on features computed by either mode; returns the largest absolute difference.
 
-    Tolerance ``|model - cached| <= FEATURE_ATOL + rtol * |cached|`` per value; when the cache
-    (or, ``bf16``, the model's input) is bf16, rtol is BF16_FEATURE_RTOL and each value may
-    also differ by BF16_ROW_ATOL of its feature vector's largest value.
+    Tolerance ``|model - cached| <= FEATURE_ATOL + FEATURE_RTOL * |cached|`` per value; when the
+    cache (or, ``bf16``, the model's input) is bf16, each feature vector's cosine with the cached
+    one must be at least BF16_MIN_COSINE.
     """
     image_rows = cache.indices[cache_rows]
     expected = cache.features[cache_rows].astype(np.float32)
     diff = np.abs(np.asarray(got, dtype=np.float32) - expected)
     wide = bf16 or getattr(cache.key, "precision", "f32") == "bf16"
-    rtol = BF16_FEATURE_RTOL if wide else FEATURE_RTOL
-    allowed = FEATURE_ATOL + rtol * np.abs(expected)
-    if wide:
-        allowed = allowed + BF16_ROW_ATOL * np.abs(expected).max(axis=1, keepdims=True)
-    bad = diff > allowed
     worst = float(diff.max()) if diff.size else 0.0
-    if bad.any():
-        row = int(np.argmax(bad.any(axis=1)))
+    if wide:
+        got32 = np.asarray(got, dtype=np.float32)
+        norms = np.linalg.norm(got32, axis=1) * np.linalg.norm(expected, axis=1)
+        cosine = (got32 * expected).sum(axis=1) / np.maximum(norms, 1e-12)
+        bad_rows = cosine < BF16_MIN_COSINE
+        tolerance = f"bf16: cosine >= {BF16_MIN_COSINE:g} per feature vector; lowest {float(cosine.min()):.4f}"
+    else:
+        bad_rows = (diff > FEATURE_ATOL + FEATURE_RTOL * np.abs(expected)).any(axis=1)
+        tolerance = f"rtol {FEATURE_RTOL:g}, atol {FEATURE_ATOL:g}"
+    if bad_rows.any():
+        row = int(np.argmax(bad_rows))
         raise FeatcacheError(
             f"Self-check (1) failed: {what} differ from the cache {cache.path.name} on "
-            f"{int(bad.any(axis=1).sum())} of {len(cache_rows)} training images (max |diff| {worst:.4g}, e.g. image "
-            f"{int(image_rows[row])}; tolerance {_tolerance(rtol, wide)}): the backbone, "
-            f"weights, size or preprocessing no longer match those that made the cache.")
+            f"{int(bad_rows.sum())} of {len(cache_rows)} training images (max |diff| {worst:.4g}, e.g. image "
+            f"{int(image_rows[row])}; tolerance {tolerance}): the backbone, weights, size or preprocessing no "
+            "longer match those that made the cache.")
     log(f"check 1 ok: {what} for {len(cache_rows)} training images match the pooled cache "
-        f"(max |diff| {worst:.2e}; tolerance {_tolerance(rtol, wide)})")
+        f"(max |diff| {worst:.2e}; tolerance {tolerance})")
     return worst
-
-
-def _tolerance(rtol: float, wide: bool) -> str:
-    row = f" + {BF16_ROW_ATOL:g} of the row's largest value" if wide else ""
-    return f"rtol {rtol:g}, atol {FEATURE_ATOL:g}{row}"
 
 
 def check_validation(infer: Inference, head, split, cache, val_rows: np.ndarray, size: int, batch_size: int,

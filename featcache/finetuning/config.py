@@ -15,11 +15,11 @@ from ..heads import OPTIMIZERS
 # extraction batches differ from ours, so features must agree to within 1% + 0.01.
 FEATURE_RTOL = 1e-2
 FEATURE_ATOL = 1e-2
-# bf16 caches (OpenVINO on AMX or AVX512-BF16) differ from Keras f32 by up to ~8% of single values, and by more
-# than that relative to small values; heads score the same. So with bf16 a value may also differ by 2% of the
-# largest value of its feature vector.
-BF16_FEATURE_RTOL = 1e-1
-BF16_ROW_ATOL = 2e-2
+# bf16 caches (OpenVINO on AMX or AVX512-BF16) differ from Keras f32 value by value by more than any useful
+# element-wise tolerance (lite0 @224 on CIFAR-10: 5-10% relative L2 per feature vector, single values by 0.5 of
+# 5.5) while heads score the same; the direction of each vector is kept (cosine 0.9945-0.9988 over 32 images).
+# So with bf16, check (1) compares each vector's cosine with the cached one.
+BF16_MIN_COSINE = 0.98
 # Check (2): validation accuracy before training must be within one point of the head's.
 VAL_ACC_TOLERANCE = 0.01
 
