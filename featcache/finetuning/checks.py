@@ -78,13 +78,16 @@ def match_validation(probs: np.ndarray, head, cache, val_rows: np.ndarray, recor
     against = [("the head on the cached features of these rows", acc_cached)]
     if recorded is not None:
         against.insert(0, ("the head's recorded val_acc", float(recorded)))
+    # One point, or two images on a small validation set: a borderline image or two may flip between float32
+    # and bf16 arithmetic (50 validation images: one flip is two points).
+    tolerance = max(VAL_ACC_TOLERANCE, 2.0 / max(1, len(labels)))
     for what, reference in against:
-        if abs(acc - reference) > VAL_ACC_TOLERANCE + 1e-9:
+        if abs(acc - reference) > tolerance + 1e-9:
             raise FeatcacheError(
                 f"Self-check (2) failed: validation accuracy before training is {acc:.4f} on {len(val_rows)} images "
-                f"but {what} is {reference:.4f} (tolerance {VAL_ACC_TOLERANCE:g}): the head does not fit "
+                f"but {what} is {reference:.4f} (tolerance {tolerance:.3g}): the head does not fit "
                 f"these features or validation rows.")
     shown = ", ".join(f"{what} {ref:.4f}" for what, ref in against)
     log(f"check 2 ok: validation accuracy before training {acc:.4f} on {len(val_rows)} images ({shown}; "
-        f"tolerance {VAL_ACC_TOLERANCE:g})")
+        f"tolerance {tolerance:.3g})")
     return {"val_acc_before": acc, "val_acc_head_cached": acc_cached, "val_acc_head_recorded": recorded}
