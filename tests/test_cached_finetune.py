@@ -84,10 +84,10 @@ def test_a_disk_too_small_is_refused_before_writing(made, monkeypatch, tmp_path)
 def test_cached_run_trains_the_top_and_saves_one_image_model(made):
     settings, head = made
     messages = []
-    record = finetune(settings, replace(FAST, run=head.run_id, epochs=2), log=messages.append)
+    record = finetune(settings, replace(FAST, run=head.run_id, epochs=2, tta=True), log=messages.append)
     run = load_run(settings.cache_dir, record["run_id"])
     assert run.kind == "finetune" and record["mode"] == "cached" and record["cut"] == "conv_1"
-    assert record["views"] == ["orig", "flip"] and len(record["activation_caches"]) == 4
+    assert record["views"] == ["orig", "flip"] and len(record["activation_caches"]) == 4  # test's flip for --tta
     assert 0 <= record["test_acc_tta"] <= 1 and any(m.startswith("averaged over the 2 cached views") for m in messages)
     assert record["epochs_run"] == 2 and record["trainable_layers"] == 1  # conv_2 trains; conv_1 stays frozen
     assert any(m.startswith("check 1 ok: the top stages' features") for m in messages), messages
@@ -107,6 +107,7 @@ def test_cached_run_trains_the_top_and_saves_one_image_model(made):
 def test_training_changes_only_the_layers_above_the_cut(made):
     settings, head = made
     record = finetune(settings, replace(FAST, run=head.run_id, learning_rate=1e-2, seed=3), log=quiet)
+    assert len(record["activation_caches"]) == 3 and "test_acc_tta" not in record  # no --tta: test's orig alone
     model = keras.saving.load_model(Path(record["model"]), compile=False)
     inner = model.get_layer("backbone").layer.layers[1]
     from featcache.backbones import create_backbone
@@ -188,7 +189,7 @@ def test_the_image_model_equals_stem_top_and_head_run_separately_and_predicts(ma
     pooled = model.get_layer("backbone").layer
     _, upper = split_at(pooled.layers[1], Cut("conv_1"))
     head_model = model.layers[-2]
-    test_cache = Path(record["activation_caches"][2])  # train orig, train flip, test orig, test flip
+    test_cache = Path(record["activation_caches"][2])  # train orig, train flip, test orig
     with h5py.File(test_cache) as fh:
         activations = fh["features"][...].astype(np.float32).reshape((-1, 12, 12, 8))
     parts = np.asarray(head_model(keras.layers.GlobalAveragePooling2D()(upper(activations))))

@@ -81,6 +81,7 @@ def copy_run(trained):
     ({"optimizer": "adagrad"}, "Unknown optimizer 'adagrad'; expected one of: 'adam', 'rmsprop', 'sgd'"),
     ({"strategy": "tpu"}, "Unknown strategy 'tpu'"),
     ({"epochs": 0}, "Epochs must be a positive integer"),
+    ({"tta": True}, "--tta averages the cached views of test; it needs --mode cached"),
 ])
 def test_bad_arguments_are_value_errors(change, message):
     with pytest.raises(InvalidArgument, match=message) as info:

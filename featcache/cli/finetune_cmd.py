@@ -32,7 +32,7 @@ def finetune(
     cut: Annotated[Optional[str], typer.Option("--cut", help="Cached mode: 'top:N' or a layer name (default: the "
                                                "backbone's; see `featcache backbones --cuts NAME`).")] = None,
     learning_rate: Annotated[Optional[float], typer.Option("--lr", "--learning-rate", help="Learning rate (default "
-                                                           "1e-4 cached, 1e-5 full).")] = None,
+                                                           "3e-4 cached, 1e-5 full).")] = None,
     schedule: Annotated[Optional[str], typer.Option(help="'cosine' (default cached) or 'plateau' (halve on a "
                                                     "validation plateau; default full).")] = None,
     optimizer: Annotated[str, typer.Option(help="'adam', 'rmsprop' or 'sgd' (momentum 0.9).")] = "adam",
@@ -42,6 +42,8 @@ def finetune(
                                        "one of the cached --views per image).")] = True,
     translate: Annotated[float, typer.Option(help="Full mode: random translation while training, as a fraction of "
                                              "the image (0 turns it off).")] = 0.1,
+    tta: Annotated[bool, typer.Option("--tta", help="Cached mode: also cache the other --views of test and report "
+                                      "the accuracy averaged over them.")] = False,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Cap on steps per epoch.")] = None,
     subset: Annotated[Optional[int], typer.Option("--subset", help="Use at most N images (stratified) of "
                                                   "each of train, validation and test.")] = None,
@@ -61,7 +63,8 @@ def finetune(
     config = FinetuneConfig(
         run=run, epochs=defaults.epochs if epochs is None else epochs,
         batch_size=defaults.batch_size if batch_size is None else batch_size,
-        mode=mode, cut=cut, learning_rate=learning_rate, schedule=schedule, optimizer=optimizer, unfreeze=unfreeze, flip=flip, translate=translate,
+        mode=mode, cut=cut, learning_rate=learning_rate, schedule=schedule, optimizer=optimizer, unfreeze=unfreeze, flip=flip,
+        translate=translate, tta=tta,
         max_steps=max_steps, subset=subset, export=export, patience=patience, mixed_precision=mixed_precision,
         strategy=strategy, seed=seed,
         verbose=1 if sys.stdout.isatty() else 2)  # a live bar with steps/s and ETA on a terminal; a line per epoch in logs

@@ -33,17 +33,20 @@ from .stream import ActivationStream
 from .workdir import finish_run, lock_run, open_work_dir, training_callbacks, unlock_run, work_dir_for
 
 
-def ensure_activations(settings: FeatureSettings, cut_name: str, log: Callable[[str], None]) -> dict:
+def ensure_activations(settings: FeatureSettings, cut_name: str, log: Callable[[str], None],
+                       tta: bool = False) -> dict:
     """The activation caches a cached fine-tune reads, extracted now where missing (with progress).
 
-    One file per split and view of ``settings.views`` ('orig' first); the other views of test serve
-    test-time averaging, reported beside the single-view accuracy.
+    Train: one file per view of ``settings.views`` ('orig' first), drawn at random while training.
+    Test: 'orig' alone, or every view with ``tta`` (test-time averaging, reported beside the
+    single-view accuracy; 10,000 more maps per view on CIFAR-10).
     """
     from ..extraction import ExtractOptions, extract
 
     views = ("orig",) + tuple(v for v in settings.views if v != "orig")
     train = extract(replace(settings, views=views), ExtractOptions(splits=("train",), cut=cut_name), log=log)
-    test = extract(replace(settings, views=views), ExtractOptions(splits=("test",), cut=cut_name), log=log)
+    test_views = views if tta else ("orig",)
+    test = extract(replace(settings, views=test_views), ExtractOptions(splits=("test",), cut=cut_name), log=log)
     return {"train": train, "test": test[0], "test_views": test, "views": views}
 
 
@@ -128,7 +131,7 @@ def finetune_cached(settings: FeatureSettings, config: FinetuneConfig, log: Call
     log(f"fine-tuning {source.backbone} ({source.weights}, {source.size}px) from head run {head_run.run_id} on "
         f"activations at {info.cut.name} ({'x'.join(map(str, info.shape))}): {len(train_rows)} train / "
         f"{len(val_rows)} val / {len(test_rows)} test images")
-    caches = ensure_activations(settings, info.cut.name, log)
+    caches = ensure_activations(settings, info.cut.name, log, tta=config.tta)
     train_labels = _rows_of(caches["train"][0], cache.indices, cache.labels)
     for path in caches["train"][1:]:
         _rows_of(path, cache.indices, cache.labels)
@@ -192,7 +195,7 @@ def finetune_cached(settings: FeatureSettings, config: FinetuneConfig, log: Call
         val_probs = predict(model, stream(first, val_rows, train_labels))
         test_probs = predict(model, stream([caches["test"]], test_rows, test_labels))
         tta = {}
-        if len(caches["views"]) > 1:  # test-time averaging over the cached views, reported beside
+        if len(caches["test_views"]) > 1:  # test-time averaging over the cached views, reported beside
             tta_val = np.mean([predict(model, stream([p], val_rows, train_labels)) for p in caches["train"]], axis=0)
             tta_test = np.mean([predict(model, stream([p], test_rows, test_labels)) for p in caches["test_views"]],
                                axis=0)
