@@ -92,6 +92,7 @@ def test_cached_run_trains_the_top_and_saves_one_image_model(made):
     assert record["epochs_run"] == 2 and record["trainable_layers"] == 1  # conv_2 trains; conv_1 stays frozen
     assert any(m.startswith("check 1 ok: the top stages' features") for m in messages), messages
     assert any(m.startswith("check 2 ok") for m in messages)
+    assert any(m.startswith("activation caches ready in") for m in messages) and record["activation_seconds"] > 0
     assert record["run_id"] in [r.run_id for r in list_runs(settings.cache_dir)]
     for name in ("model.keras", "history.csv", "curves.png", "confusion.png", "top_losses.png"):
         assert (run.path / name).exists(), name

@@ -202,7 +202,8 @@ def test_killed_mirrored_run_resumes_at_epoch_2(trained):
     assert watch.epochs == [1], "the rerun must resume at the second epoch"
     assert any("resuming from the backup at epoch 2" in m for m in messages)
     run_dir = runs / record["run_id"]
-    assert record["kind"] == "finetune" and record["head_run"] == run_id and "-finetune-resnet50-" in run_dir.name
+    assert record["kind"] == "finetune" and record["mode"] == "full" and record["head_run"] == run_id
+    assert "-finetune-resnet50-" in run_dir.name
     assert record["epochs_run"] == 2 and 0.0 <= record["val_acc"] <= 1.0 and 0.0 <= record["test_acc"] <= 1.0
     assert abs(record["checks"]["val_acc_before"] - record["head_val_acc"]) <= 0.01
     for name in ("model.keras", "saved_model/saved_model.pb", "history.csv", "record.json", "settings.json",

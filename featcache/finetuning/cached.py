@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,11 +26,11 @@ import numpy as np
 from ..errors import brief, FeatcacheError
 from ..settings import FeatureSettings
 from .checks import match_features, match_validation
-from .config import FEATURE_ATOL, FEATURE_RTOL, VAL_ACC_TOLERANCE, FinetuneConfig
+from .config import FinetuneConfig
 from .model import Inference, image_model, make_optimizer
 from .source import load_head, prepare, recorded_val_acc
 from .stream import ActivationStream
-from .workdir import finish_run, lock_run, open_work_dir, training_callbacks, unlock_run, work_dir_for
+from .workdir import base_record, finish_run, lock_run, open_work_dir, training_callbacks, unlock_run, work_dir_for
 
 
 def ensure_activations(settings: FeatureSettings, cut_name: str, log: Callable[[str], None],
@@ -131,7 +131,10 @@ def finetune_cached(settings: FeatureSettings, config: FinetuneConfig, log: Call
     log(f"fine-tuning {source.backbone} ({source.weights}, {source.size}px) from head run {head_run.run_id} on "
         f"activations at {info.cut.name} ({'x'.join(map(str, info.shape))}): {len(train_rows)} train / "
         f"{len(val_rows)} val / {len(test_rows)} test images")
+    began = time.perf_counter()
     caches = ensure_activations(settings, info.cut.name, log, tta=config.tta)
+    activation_seconds = time.perf_counter() - began
+    log(f"activation caches ready in {activation_seconds:.0f}s")
     train_labels = _rows_of(caches["train"][0], cache.indices, cache.labels)
     for path in caches["train"][1:]:
         _rows_of(path, cache.indices, cache.labels)
@@ -190,6 +193,7 @@ def finetune_cached(settings: FeatureSettings, config: FinetuneConfig, log: Call
         except tf.errors.OpError as exc:
             raise FeatcacheError(f"Training stopped reading the activation cache: {brief(exc.message)}") from None
         train_seconds = time.perf_counter() - start
+        log(f"trained in {train_seconds:.0f}s (with building the top and the checks)")
         if best_path.exists():
             model.load_weights(best_path)
         val_probs = predict(model, stream(first, val_rows, train_labels))
@@ -207,23 +211,11 @@ def finetune_cached(settings: FeatureSettings, config: FinetuneConfig, log: Call
         agreement = check_image_model(full, prep.dataset["train"], cache.indices, val_rows, val_probs, source.size,
                                       config, log)
         record = {
-            "kind": "finetune",
-            "mode": "cached",
+            **base_record(config, source, head_run, checks),
             "cut": info.cut.name,
             "activation_shape": list(info.shape),
             "activation_caches": [str(p) for p in caches["train"] + caches["test_views"]],
             "views": list(caches["views"]),
-            "head": head_run.record.get("head"),
-            "backbone": source.backbone,
-            "weights": source.weights,
-            "size": source.size,
-            "pooling": source.pooling,
-            "preprocess": source.preprocess,
-            "head_run": head_run.run_id,
-            "head_val_acc": head_run.record.get("val_acc"),
-            "config": asdict(config),
-            "checks": {**checks, "feature_rtol": FEATURE_RTOL, "feature_atol": FEATURE_ATOL,
-                       "val_acc_tolerance": VAL_ACC_TOLERANCE},
             "image_model_check": agreement,
             **tta,
             "trainable_layers": chosen,
@@ -231,6 +223,7 @@ def finetune_cached(settings: FeatureSettings, config: FinetuneConfig, log: Call
             "steps_per_epoch": steps,
             "n_train": int(len(train_rows)),
             **prep.split_info,
+            "activation_seconds": round(activation_seconds, 2),
             "train_seconds": round(train_seconds, 2),
             "seconds": round(time.perf_counter() - start, 2),
             "replicas": 1,

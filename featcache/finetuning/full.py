@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
 from typing import Callable, Sequence
 
 import keras
@@ -13,10 +12,11 @@ import numpy as np
 from ..errors import brief, FeatcacheError
 from ..settings import FeatureSettings
 from .checks import check_features, check_validation
-from .config import FEATURE_ATOL, FEATURE_RTOL, VAL_ACC_TOLERANCE, FinetuneConfig
+from .config import FinetuneConfig
 from .model import Inference, build_model, image_stream, is_chief, make_optimizer, make_strategy, unfreeze
 from .source import load_head, prepare, recorded_val_acc
-from .workdir import discard_work_dir, lock_run, unlock_run, finish_run, open_work_dir, training_callbacks, work_dir_for
+from .workdir import (base_record, discard_work_dir, finish_run, lock_run, open_work_dir, training_callbacks,
+                      unlock_run, work_dir_for)
 
 def finetune_full(settings: FeatureSettings, config: FinetuneConfig = FinetuneConfig(),
                   log: Callable[[str], None] = print, callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
@@ -87,18 +87,7 @@ def finetune_full(settings: FeatureSettings, config: FinetuneConfig = FinetuneCo
         _, val_probs = infer(train_split, cache.indices[val_rows], source.size, config.batch_size)
         _, test_probs = infer(dataset["test"], test_rows, source.size, config.batch_size)
         record = {
-            "kind": "finetune",
-            "head": head_run.record.get("head"),
-            "backbone": source.backbone,
-            "weights": source.weights,
-            "size": source.size,
-            "pooling": source.pooling,
-            "preprocess": source.preprocess,
-            "head_run": head_run.run_id,
-            "head_val_acc": head_run.record.get("val_acc"),
-            "config": asdict(config),
-            "checks": {**checks, "feature_rtol": FEATURE_RTOL, "feature_atol": FEATURE_ATOL,
-                       "val_acc_tolerance": VAL_ACC_TOLERANCE},
+            **base_record(config, source, head_run, checks),
             "unfrozen_layers": len(chosen),
             "trainable_params": n_trainable,
             "steps_per_epoch": steps,

@@ -62,6 +62,27 @@ def open_work_dir(work_dir: Path) -> bool:
     return False
 
 
+def base_record(config: FinetuneConfig, source, head_run, checks: dict) -> dict:
+    """What every fine-tune run records, in either mode: where it started and what it checked."""
+    from .config import FEATURE_ATOL, FEATURE_RTOL, VAL_ACC_TOLERANCE
+
+    return {
+        "kind": "finetune",
+        "mode": config.mode,
+        "head": head_run.record.get("head"),
+        "backbone": source.backbone,
+        "weights": source.weights,
+        "size": source.size,
+        "pooling": source.pooling,
+        "preprocess": source.preprocess,
+        "head_run": head_run.run_id,
+        "head_val_acc": head_run.record.get("val_acc"),
+        "config": asdict(config),
+        "checks": {**checks, "feature_rtol": FEATURE_RTOL, "feature_atol": FEATURE_ATOL,
+                   "val_acc_tolerance": VAL_ACC_TOLERANCE},
+    }
+
+
 def finish_run(work_dir: Path, settings: FeatureSettings, config: FinetuneConfig, model, record: dict,
                class_names: list[str], val: tuple, test: tuple, log: Callable[[str], None], val_images=None) -> dict:
     """The finished run folder, written through ``featcache.report`` (staged, renamed when whole)."""

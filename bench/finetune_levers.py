@@ -1,0 +1,109 @@
+"""What each lever adds to cached fine-tunes, in points of test accuracy, from their activation caches.
+
+For each cached fine-tune run given: the head it started from, the run's single-view test
+accuracy, and the accuracy averaged over the test views found in the cache (test-time
+augmentation); then the same for the average of all runs' probabilities (an ensemble). Each
+run's top stages and head are taken from its saved ``model.keras`` and run on the cached test
+activations, as ``featcache finetune`` evaluates them, so nothing here touches images::
+
+    .venv/bin/python bench/finetune_levers.py --cache-dir /work/cache16 \\
+        --runs <finetune run id or folder> [...] [--views orig,flip]
+
+A view whose test activations are missing (the run was made without ``--tta``) can be cached
+with ``featcache features --cut <cut> --views orig,flip`` and the run's other settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+
+def test_cache(cache_dir: Path, record: dict, view: str) -> Path:
+    """The one test activation cache of ``view`` at the run's backbone, cut and size."""
+    pattern = f"{record['backbone']}@{record['cut']}-{record['size']}-test-{view}-*.h5"
+    found = sorted(cache_dir.glob(pattern))
+    if len(found) != 1:
+        raise SystemExit(f"expected one {pattern} in {cache_dir}, found {len(found)}")
+    return found[0]
+
+
+def run_probabilities(cache_dir: Path, run_dir: Path, views: list[str]) -> tuple[dict, dict, np.ndarray]:
+    """``(record, {view: test probabilities}, labels)`` for one cached fine-tune run, on the test activation
+    caches of ``cache_dir``."""
+    import keras
+
+    from featcache.backbones.cuts import Cut, split_at
+    from featcache.finetuning.cached import predict, top_models
+    from featcache.finetuning.stream import ActivationStream
+
+    record = json.loads((run_dir / "record.json").read_text())
+    if record.get("kind") != "finetune" or record.get("mode") != "cached":
+        raise SystemExit(f"{run_dir} is not a cached fine-tune run")
+    model = keras.saving.load_model(record["model"], compile=False)
+    pooled = model.get_layer("backbone").layer
+    _, upper = split_at(pooled.layers[1], Cut(record["cut"]))
+    shape = tuple(record["activation_shape"])
+    top, _ = top_models(upper, record["pooling"], model.layers[-2], shape)
+    probs, labels = {}, None
+    for view in views:
+        path = test_cache(cache_dir, record, view)
+        with h5py.File(path, "r") as fh:
+            view_labels = fh["labels"][...]
+        if labels is not None and not np.array_equal(labels, view_labels):
+            raise SystemExit(f"{path.name} lists its images in another order than the orig view")
+        labels = view_labels
+        rows = np.arange(len(labels))
+        probs[view] = predict(top, ActivationStream([path], shape, rows, labels, 256))
+    return record, probs, labels
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(probs.argmax(1) == labels))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache-dir", required=True)
+    parser.add_argument("--runs", nargs="+", required=True,
+                        help="cached fine-tune runs: ids under CACHE_DIR/runs or run folders")
+    parser.add_argument("--views", default="orig,flip", help="test views to average ('orig' first)")
+    args = parser.parse_args()
+    cache_dir = Path(args.cache_dir)
+    views = [v for v in args.views.split(",") if v]
+    if views[:1] != ["orig"]:
+        parser.error("--views must start with orig")
+
+    rows, single, averaged, labels = [], [], [], None
+    for run in args.runs:
+        run_dir = Path(run) if Path(run).is_dir() else cache_dir / "runs" / run
+        run_id = run_dir.name
+        record, probs, run_labels = run_probabilities(cache_dir, run_dir, views)
+        if labels is not None and not np.array_equal(labels, run_labels):
+            raise SystemExit(f"{run_id} was evaluated on other test images than the first run")
+        labels = run_labels
+        head = json.loads((run_dir.parent / record["head_run"] / "record.json").read_text())
+        mean = np.mean([probs[v] for v in views], axis=0)
+        single.append(probs["orig"])
+        averaged.append(mean)
+        config = record.get("config", {})
+        rows.append((run_id, f"{record.get('head')} head {head.get('test_acc', float('nan')):.2%}",
+                     f"lr {config.get('learning_rate')}, {record.get('epochs_run')} epochs",
+                     accuracy(probs["orig"], labels), accuracy(mean, labels)))
+    print(f"| run | started from | training | test, orig view | test, {'+'.join(views)} averaged |")
+    print("|---|---|---|---|---|")
+    for run_id, head, training, one, avg in rows:
+        print(f"| {run_id} | {head} | {training} | {one:.2%} | {avg:.2%} ({(avg - one) * 100:+.2f}) |")
+    if len(rows) > 1:
+        one, avg = accuracy(np.mean(single, axis=0), labels), accuracy(np.mean(averaged, axis=0), labels)
+        best = max(r[3] for r in rows)
+        print(f"| ensemble of the {len(rows)} runs | | | {one:.2%} ({(one - best) * 100:+.2f} over the best run) "
+              f"| {avg:.2%} ({(avg - one) * 100:+.2f}) |")
+
+
+if __name__ == "__main__":
+    main()
