@@ -89,6 +89,13 @@ def test_bad_arguments_are_value_errors(change, message):
     assert isinstance(info.value, ValueError)
 
 
+def test_tta_is_refused_where_auto_would_train_end_to_end():
+    config = ft.FinetuneConfig(mode="auto", tta=True)
+    assert config.resolved(has_gpu=False).mode == "cached"
+    with pytest.raises(InvalidArgument, match="--tta averages the cached views of test, and a GPU here"):
+        config.resolved(has_gpu=True)
+
+
 def test_unknown_run_id_lists_runs(trained):
     settings, run_id = trained
     with pytest.raises(FeatcacheError, match="No run 'nope' in .*featcache runs"):

@@ -63,8 +63,8 @@ def finetune(
     config = FinetuneConfig(
         run=run, epochs=defaults.epochs if epochs is None else epochs,
         batch_size=defaults.batch_size if batch_size is None else batch_size,
-        mode=mode, cut=cut, learning_rate=learning_rate, schedule=schedule, optimizer=optimizer, unfreeze=unfreeze, flip=flip,
-        translate=translate, tta=tta,
+        mode=mode, cut=cut, learning_rate=learning_rate, schedule=schedule, optimizer=optimizer, unfreeze=unfreeze,
+        flip=flip, translate=translate, tta=tta,
         max_steps=max_steps, subset=subset, export=export, patience=patience, mixed_precision=mixed_precision,
         strategy=strategy, seed=seed,
         verbose=1 if sys.stdout.isatty() else 2)  # a live bar with steps/s and ETA on a terminal; a line per epoch in logs

@@ -72,6 +72,9 @@ class FinetuneConfig:
     def resolved(self, has_gpu: bool) -> "FinetuneConfig":
         """The mode, learning rate and schedule this run uses, with 'auto' and the defaults decided."""
         mode = self.mode if self.mode != "auto" else ("full" if has_gpu else "cached")
+        if self.tta and mode == "full":
+            raise InvalidArgument("--tta averages the cached views of test, and a GPU here makes --mode auto train "
+                                  "end to end; pass --mode cached to use it.")
         return replace(self, mode=mode,
                        learning_rate=self.learning_rate if self.learning_rate is not None else DEFAULT_LR[mode],
                        schedule=self.schedule or DEFAULT_SCHEDULE[mode])

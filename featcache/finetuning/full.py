@@ -18,6 +18,7 @@ from .source import load_head, prepare, recorded_val_acc
 from .workdir import (base_record, discard_work_dir, finish_run, lock_run, open_work_dir, training_callbacks,
                       unlock_run, work_dir_for)
 
+
 def finetune_full(settings: FeatureSettings, config: FinetuneConfig = FinetuneConfig(),
                   log: Callable[[str], None] = print, callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
     """Fine-tune the chosen head run's model end to end; returns the run record (kind 'finetune').
