@@ -99,7 +99,7 @@ def main() -> int:
     say(f"machine: {info['cpu_model']}, {info['cores']} cores; work folder {work}")
     result = {"machine": info, "args": vars(args), "figures": {}}
     common = ["-b", "efficientnet_lite0", "-w", "imagenet", "--epochs", str(args.epochs), "--no-export",
-              "--lr", "1e-4", "--schedule", "cosine"]
+              "--lr", "3e-4", "--schedule", "cosine"]
 
     folder = subset_folder(args.train, work, Path(args.data), args.test)
     cache = work / "cache-side-by-side"
@@ -156,7 +156,7 @@ def render(result: dict) -> str:
     lines = [
         f"# Cached fine-tuning against end to end ({m['date']}, {m['cpu_model']}, {m['cores']} cores)", "",
         f"EfficientNet-Lite0 @224 (ImageNet), {a['train']} CIFAR-10 train images (10% of them validation), "
-        f"{a['test']} test images, {a['epochs']} epochs above cut {a['cut']}, lr 1e-4 cosine, from the same linear head. "
+        f"{a['test']} test images, {a['epochs']} epochs above cut {a['cut']}, lr 3e-4 cosine, from the same linear head. "
         "Wall time of each `featcache finetune` call (cached: activation extraction included).", "",
         "| route | wall | peak RSS | val acc | test acc |", "|---|---|---|---|---|",
         f"| cached (`--mode cached --cut {a['cut']} --views orig,flip`) | {c['seconds']:.0f} s | {c['peak_rss_mb']:.0f} MB "
