@@ -237,3 +237,10 @@ def test_check_1_on_bf16_caches_compares_directions():
     assert "cosine >= 0.98" in said[0]
     with pytest.raises(FeatcacheError, match=r"Self-check \(1\) failed: .* on 8 of 8 .*cosine >= 0.98"):
         match_features(rng.uniform(0, 5, (8, 64)), cache, np.arange(8), quiet)
+
+
+def test_tta_with_one_view_is_refused_before_any_work(made):
+    settings, head = made
+    one_view = replace(settings, views=("orig",))
+    with pytest.raises(InvalidArgument, match=r"--tta averages test over the cached views; .*received --views orig"):
+        finetune(one_view, replace(FAST, run=head.run_id, tta=True), log=quiet)

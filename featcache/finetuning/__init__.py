@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from ..errors import InvalidArgument
 from ..settings import FeatureSettings
 from .config import MODES, FinetuneConfig, parse_unfreeze, validate
 from .model import build_model
@@ -34,6 +35,9 @@ def finetune(settings: FeatureSettings, config: FinetuneConfig = FinetuneConfig(
 
     validate(config)
     check_settings(settings)
+    if config.tta and len(set(settings.views)) < 2:
+        raise InvalidArgument(f"--tta averages test over the cached views; pass two, e.g. --views orig,flip "
+                              f"(received --views {','.join(settings.views)}).")
     if config.mode == "auto" and config.strategy != "none":
         has_gpu = True  # a strategy distributes end-to-end training; probing devices first would break it
     elif config.mode == "auto":
