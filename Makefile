@@ -54,6 +54,7 @@ finetune:
 
 bench:
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+	$(VENV)/bin/python bench/bench_finetune.py $(BENCH_FINETUNE_ARGS)
 
 # Offline end to end on scikit-learn's digits with EfficientNet-Lite0 ImageNet weights (pip-installed).
 DEMO_ARGS = --backbone efficientnet_lite0 --weights imagenet --data digits --size 128 --cache-dir "$(CACHE_DIR)"

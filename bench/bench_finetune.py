@@ -4,13 +4,14 @@ Both routes start from the same lite0 linear head, train the same layers (those
 above the cut: ``--cut top:2`` cached, ``--unfreeze above:top:2`` end to end)
 for the same epochs at the same learning rate and schedule, with the same
 augmentation (a horizontal mirror: a cached ``flip`` view against
-``RandomFlip``). The cached route's wall time includes its activation
-extraction. Then the peak RSS of cached training (activations already
-cached) at two train sizes. Every step is a ``featcache`` CLI call in its own
-process, timed from outside, reporting its own peak RSS.
+``RandomFlip``), once per cut of ``--cuts``. The cached route's wall time
+includes its activation extraction. Then the peak RSS of cached training
+(activations already cached, the first cut) at two train sizes. Every step is
+a ``featcache`` CLI call in its own process, timed from outside, reporting its
+own peak RSS.
 
     .venv/bin/python bench/bench_finetune.py                  # defaults: about 25 min on 2 idle cores
-    .venv/bin/python bench/bench_finetune.py --train 1000 --epochs 1 --rss-sizes 500,1000   # smoke run
+    .venv/bin/python bench/bench_finetune.py --train 1000 --epochs 1 --cuts top:1 --rss-sizes 500,1000   # smoke run
 
 Writes ``bench/results/<date>-<host>-finetune.json`` and ``.md``.
 """
@@ -89,7 +90,7 @@ def main() -> int:
     parser.add_argument("--train", type=int, default=3000, help="train images of the side-by-side run")
     parser.add_argument("--test", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--cut", default="top:2")
+    parser.add_argument("--cuts", default="top:2,top:1", help="cuts to compare, the first also for the RSS runs")
     parser.add_argument("--rss-sizes", default="2000,8000", help="train sizes of the two cached RSS runs")
     parser.add_argument("--work", default=None)
     parser.add_argument("--out", default=str(HERE / "results"))
@@ -107,20 +108,24 @@ def main() -> int:
     say(f"side by side: {args.train} images ({folder.name}); pooled features and a linear head first (untimed)")
     cli("features", *base, "--no-progress")
     cli("head", *base, "--head", "linear")
-    figures = {}
-    say("cached: activation extraction (orig + flip views) and training")
-    figures["cached"] = cli("finetune", *common, "-d", str(folder), "--cache-dir", str(cache), "--mode", "cached",
-                            "--cut", args.cut, "--views", "orig,flip")
-    figures["cached"]["record"] = newest_record(cache)
-    say(f"cached: {figures['cached']['seconds']} s, val {figures['cached']['record']['val_acc']:.4f}")
-    say("end to end: the same layers, epochs and schedule, RandomFlip, every step through the whole network")
-    figures["full"] = cli("finetune", *common, "-d", str(folder), "--cache-dir", str(cache), "--mode", "full",
-                          "--unfreeze", f"above:{args.cut}", "--translate", "0")
-    figures["full"]["record"] = newest_record(cache)
-    say(f"end to end: {figures['full']['seconds']} s, val {figures['full']['record']['val_acc']:.4f}")
-    for route in figures.values():
-        route.pop("stdout")
-    result["figures"]["side_by_side"] = figures
+    cuts = [c for c in args.cuts.split(",") if c]
+    result["figures"]["side_by_side"] = {}
+    for cut in cuts:
+        figures = {}
+        say(f"cut {cut}, cached: activation extraction (orig + flip views) and training")
+        figures["cached"] = cli("finetune", *common, "-d", str(folder), "--cache-dir", str(cache),
+                                "--mode", "cached", "--cut", cut, "--views", "orig,flip")
+        figures["cached"]["record"] = newest_record(cache)
+        say(f"cut {cut}, cached: {figures['cached']['seconds']} s, val {figures['cached']['record']['val_acc']:.4f}")
+        say(f"cut {cut}, end to end: the same layers, epochs and schedule, RandomFlip, every step through the "
+            "whole network")
+        figures["full"] = cli("finetune", *common, "-d", str(folder), "--cache-dir", str(cache), "--mode", "full",
+                              "--unfreeze", f"above:{cut}", "--translate", "0")
+        figures["full"]["record"] = newest_record(cache)
+        say(f"cut {cut}, end to end: {figures['full']['seconds']} s, val {figures['full']['record']['val_acc']:.4f}")
+        for route in figures.values():
+            route.pop("stdout")
+        result["figures"]["side_by_side"][cut] = figures
 
     rss = []
     for n in (int(s) for s in args.rss_sizes.split(",")):
@@ -130,9 +135,9 @@ def main() -> int:
         say(f"RSS: {n} train images; features, head and activations first, in their own processes")
         cli("features", *base, "--no-progress")
         cli("head", *base, "--head", "logreg")
-        cli("features", *base, "--cut", args.cut, "--views", "orig,flip", "--split", "train", "--no-progress")
-        cli("features", *base, "--cut", args.cut, "--split", "test", "--no-progress")
-        run = cli("finetune", *base, "--mode", "cached", "--cut", args.cut, "--views", "orig,flip", "--epochs", "1",
+        cli("features", *base, "--cut", cuts[0], "--views", "orig,flip", "--split", "train", "--no-progress")
+        cli("features", *base, "--cut", cuts[0], "--split", "test", "--no-progress")
+        run = cli("finetune", *base, "--mode", "cached", "--cut", cuts[0], "--views", "orig,flip", "--epochs", "1",
                   "--no-export")
         run.pop("stdout")
         rss.append({"train_images": n, **run})
@@ -151,20 +156,31 @@ def main() -> int:
 
 def render(result: dict) -> str:
     m, a = result["machine"], result["args"]
-    side = result["figures"]["side_by_side"]
-    c, f = side["cached"], side["full"]
     lines = [
         f"# Cached fine-tuning against end to end ({m['date']}, {m['cpu_model']}, {m['cores']} cores)", "",
         f"EfficientNet-Lite0 @224 (ImageNet), {a['train']} CIFAR-10 train images (10% of them validation), "
-        f"{a['test']} test images, {a['epochs']} epochs above cut {a['cut']}, lr 3e-4 cosine, from the same linear head. "
-        "Wall time of each `featcache finetune` call (cached: activation extraction included).", "",
-        "| route | wall | peak RSS | val acc | test acc |", "|---|---|---|---|---|",
-        f"| cached (`--mode cached --cut {a['cut']} --views orig,flip`) | {c['seconds']:.0f} s | {c['peak_rss_mb']:.0f} MB "
-        f"| {c['record']['val_acc']:.4f} | {c['record']['test_acc']:.4f} |",
-        f"| end to end (`--mode full --unfreeze above:{a['cut']} --translate 0`) | {f['seconds']:.0f} s | "
-        f"{f['peak_rss_mb']:.0f} MB | {f['record']['val_acc']:.4f} | {f['record']['test_acc']:.4f} |", "",
-        f"Cached / end to end wall time: **{c['seconds'] / f['seconds']:.2f}** (target <= 0.33).", "",
-        "Peak RSS of cached training (1 epoch; activations cached beforehand by `featcache features --cut`):", "",
+        f"{a['test']} test images, {a['epochs']} epochs above each cut, lr 3e-4 cosine, from the same linear head. "
+        "Wall time of each `featcache finetune` call (cached: activation extraction included, then its parts "
+        "as the run records them).", "",
+        "| cut | route | wall | of which extraction / training | peak RSS | val acc | test acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ratios = []
+    for cut, side in result["figures"]["side_by_side"].items():
+        c, f = side["cached"], side["full"]
+        rec = c["record"]
+        parts = f"{rec.get('activation_seconds', float('nan')):.0f} s / {rec.get('train_seconds', float('nan')):.0f} s"
+        lines += [
+            f"| {cut} | cached (`--mode cached --cut {cut} --views orig,flip`) | {c['seconds']:.0f} s | {parts} "
+            f"| {c['peak_rss_mb']:.0f} MB | {rec['val_acc']:.4f} | {rec['test_acc']:.4f} |",
+            f"| {cut} | end to end (`--mode full --unfreeze above:{cut} --translate 0`) | {f['seconds']:.0f} s | | "
+            f"{f['peak_rss_mb']:.0f} MB | {f['record']['val_acc']:.4f} | {f['record']['test_acc']:.4f} |",
+        ]
+        ratios.append(f"{cut} **{c['seconds'] / f['seconds']:.2f}**")
+    lines += [
+        "", f"Cached / end to end wall time: {', '.join(ratios)} (target <= 0.33).", "",
+        f"Peak RSS of cached training (cut {next(iter(result['figures']['side_by_side']))}, 1 epoch; activations "
+        "cached beforehand by `featcache features --cut`):", "",
         "| train images | peak RSS | wall |", "|---|---|---|",
     ]
     lines += [f"| {r['train_images']} | {r['peak_rss_mb']:.0f} MB | {r['seconds']:.0f} s |" for r in result["figures"]["rss"]]

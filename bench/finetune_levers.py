@@ -9,6 +9,9 @@ activations, as ``featcache finetune`` evaluates them, so nothing here touches i
     .venv/bin/python bench/finetune_levers.py --cache-dir /work/cache16 \\
         --runs <finetune run id or folder> [...] [--views orig,flip]
 
+Run folders may come from several cache folders (for example an ensemble of two backbones):
+each run is evaluated on the test activations of the cache folder that holds it.
+
 A view whose test activations are missing (the run was made without ``--tta``) can be cached
 with ``featcache features --cut <cut> --views orig,flip`` and the run's other settings.
 """
@@ -82,7 +85,7 @@ def main() -> None:
     for run in args.runs:
         run_dir = Path(run) if Path(run).is_dir() else cache_dir / "runs" / run
         run_id = run_dir.name
-        record, probs, run_labels = run_probabilities(cache_dir, run_dir, views)
+        record, probs, run_labels = run_probabilities(run_dir.resolve().parent.parent, run_dir, views)
         if labels is not None and not np.array_equal(labels, run_labels):
             raise SystemExit(f"{run_id} was evaluated on other test images than the first run")
         labels = run_labels
@@ -91,7 +94,7 @@ def main() -> None:
         single.append(probs["orig"])
         averaged.append(mean)
         config = record.get("config", {})
-        rows.append((run_id, f"{record.get('head')} head {head.get('test_acc', float('nan')):.2%}",
+        rows.append((f"{run_id} ({record['backbone']} @{record['size']})", f"{record.get('head')} head {head.get('test_acc', float('nan')):.2%}",
                      f"lr {config.get('learning_rate')}, {record.get('epochs_run')} epochs",
                      accuracy(probs["orig"], labels), accuracy(mean, labels)))
     print(f"| run | started from | training | test, orig view | test, {'+'.join(views)} averaged |")
