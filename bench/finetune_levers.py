@@ -7,7 +7,7 @@ run's top stages and head are taken from its saved ``model.keras`` and run on th
 activations, as ``featcache finetune`` evaluates them, so nothing here touches images::
 
     .venv/bin/python bench/finetune_levers.py --cache-dir /work/cache16 \\
-        --runs <finetune run id or folder> [...] [--views orig,flip]
+        --runs <finetune run id or folder> [...] [--views orig,flip] [--memo DIR] [--subsets]
 
 Run folders may come from several cache folders (for example an ensemble of two backbones):
 each run is evaluated on the test activations of the cache folder that holds it.
@@ -19,6 +19,7 @@ with ``featcache features --cut <cut> --views orig,flip`` and the run's other se
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -35,24 +36,15 @@ def test_cache(cache_dir: Path, record: dict, view: str) -> Path:
     return found[0]
 
 
-def run_probabilities(cache_dir: Path, run_dir: Path, views: list[str]) -> tuple[dict, dict, np.ndarray]:
+def run_probabilities(cache_dir: Path, run_dir: Path, views: list[str],
+                      memo: Path | None = None) -> tuple[dict, dict, np.ndarray]:
     """``(record, {view: test probabilities}, labels)`` for one cached fine-tune run, on the test activation
-    caches of ``cache_dir``."""
-    import keras
-
-    from featcache.backbones.cuts import Cut, split_at
-    from featcache.finetuning.cached import predict, top_models
-    from featcache.finetuning.stream import ActivationStream
-
+    caches of ``cache_dir``; with ``memo``, each view's probabilities are kept there and reused."""
     record = json.loads((run_dir / "record.json").read_text())
     if record.get("kind") != "finetune" or record.get("mode") != "cached":
         raise SystemExit(f"{run_dir} is not a cached fine-tune run")
-    model = keras.saving.load_model(record["model"], compile=False)
-    pooled = model.get_layer("backbone").layer
-    _, upper = split_at(pooled.layers[1], Cut(record["cut"]))
+    probs, labels, top = {}, None, None
     shape = tuple(record["activation_shape"])
-    top, _ = top_models(upper, record["pooling"], model.layers[-2], shape)
-    probs, labels = {}, None
     for view in views:
         path = test_cache(cache_dir, record, view)
         with h5py.File(path, "r") as fh:
@@ -60,9 +52,33 @@ def run_probabilities(cache_dir: Path, run_dir: Path, views: list[str]) -> tuple
         if labels is not None and not np.array_equal(labels, view_labels):
             raise SystemExit(f"{path.name} lists its images in another order than the orig view")
         labels = view_labels
-        rows = np.arange(len(labels))
-        probs[view] = predict(top, ActivationStream([path], shape, rows, labels, 256))
+        kept = memo / f"{run_dir.name}-{path.stem}.npy" if memo else None
+        if kept is not None and kept.exists():
+            probs[view] = np.load(kept)
+            continue
+        top = top or top_model(record)
+        from featcache.finetuning.cached import predict
+        from featcache.finetuning.stream import ActivationStream
+
+        probs[view] = predict(top, ActivationStream([path], shape, np.arange(len(labels)), labels, 256))
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            np.save(kept, probs[view])
     return record, probs, labels
+
+
+def top_model(record: dict):
+    """The run's trained top stages and head, from its saved image model, fed activations at its cut."""
+    import keras
+
+    from featcache.backbones.cuts import Cut, split_at
+    from featcache.finetuning.cached import top_models
+
+    model = keras.saving.load_model(record["model"], compile=False)
+    pooled = model.get_layer("backbone").layer
+    _, upper = split_at(pooled.layers[1], Cut(record["cut"]))
+    top, _ = top_models(upper, record["pooling"], model.layers[-2], tuple(record["activation_shape"]))
+    return top
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -75,6 +91,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", required=True,
                         help="cached fine-tune runs: ids under CACHE_DIR/runs or run folders")
     parser.add_argument("--views", default="orig,flip", help="test views to average ('orig' first)")
+    parser.add_argument("--memo", default=None, help="folder to keep each run's test probabilities in and reuse")
+    parser.add_argument("--subsets", action="store_true", help="also every ensemble of two or more of the runs")
     args = parser.parse_args()
     cache_dir = Path(args.cache_dir)
     views = [v for v in args.views.split(",") if v]
@@ -85,7 +103,8 @@ def main() -> None:
     for run in args.runs:
         run_dir = Path(run) if Path(run).is_dir() else cache_dir / "runs" / run
         run_id = run_dir.name
-        record, probs, run_labels = run_probabilities(run_dir.resolve().parent.parent, run_dir, views)
+        memo = Path(args.memo) if args.memo else None
+        record, probs, run_labels = run_probabilities(run_dir.resolve().parent.parent, run_dir, views, memo)
         if labels is not None and not np.array_equal(labels, run_labels):
             raise SystemExit(f"{run_id} was evaluated on other test images than the first run")
         labels = run_labels
@@ -99,13 +118,16 @@ def main() -> None:
                      accuracy(probs["orig"], labels), accuracy(mean, labels)))
     print(f"| run | started from | training | test, orig view | test, {'+'.join(views)} averaged |")
     print("|---|---|---|---|---|")
-    for run_id, head, training, one, avg in rows:
-        print(f"| {run_id} | {head} | {training} | {one:.2%} | {avg:.2%} ({(avg - one) * 100:+.2f}) |")
-    if len(rows) > 1:
-        one, avg = accuracy(np.mean(single, axis=0), labels), accuracy(np.mean(averaged, axis=0), labels)
-        best = max(r[3] for r in rows)
-        print(f"| ensemble of the {len(rows)} runs | | | {one:.2%} ({(one - best) * 100:+.2f} over the best run) "
-              f"| {avg:.2%} ({(avg - one) * 100:+.2f}) |")
+    for i, (run_id, head, training, one, avg) in enumerate(rows, 1):
+        print(f"| {i}. {run_id} | {head} | {training} | {one:.2%} | {avg:.2%} ({(avg - one) * 100:+.2f}) |")
+    sizes = range(2, len(rows) + 1) if args.subsets else [len(rows)] if len(rows) > 1 else []
+    for size in sizes:
+        for members in itertools.combinations(range(len(rows)), size):
+            one = accuracy(np.mean([single[i] for i in members], axis=0), labels)
+            avg = accuracy(np.mean([averaged[i] for i in members], axis=0), labels)
+            best = max(rows[i][3] for i in members)
+            print(f"| ensemble of runs {', '.join(str(i + 1) for i in members)} | | | {one:.2%} "
+                  f"({(one - best) * 100:+.2f} over its best run) | {avg:.2%} ({(avg - one) * 100:+.2f}) |")
 
 
 if __name__ == "__main__":
