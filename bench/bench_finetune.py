@@ -91,7 +91,7 @@ def main() -> int:
     parser.add_argument("--test", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--cuts", default="top:2,top:1", help="cuts to compare, the first also for the RSS runs")
-    parser.add_argument("--rss-sizes", default="2000,8000", help="train sizes of the two cached RSS runs")
+    parser.add_argument("--rss-sizes", default="2000,8000", help="train sizes of the cached RSS runs ('' for none)")
     parser.add_argument("--work", default=None)
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
@@ -128,7 +128,7 @@ def main() -> int:
         result["figures"]["side_by_side"][cut] = figures
 
     rss = []
-    for n in (int(s) for s in args.rss_sizes.split(",")):
+    for n in (int(s) for s in args.rss_sizes.split(",") if s):
         folder = subset_folder(n, work, Path(args.data), 200)
         cache = work / f"cache-rss-{n}"
         base = ["-b", "efficientnet_lite0", "-w", "imagenet", "-d", str(folder), "--cache-dir", str(cache)]
@@ -177,8 +177,10 @@ def render(result: dict) -> str:
             f"{f['peak_rss_mb']:.0f} MB | {f['record']['val_acc']:.4f} | {f['record']['test_acc']:.4f} |",
         ]
         ratios.append(f"{cut} **{c['seconds'] / f['seconds']:.2f}**")
+    lines += ["", f"Cached / end to end wall time: {', '.join(ratios)} (target <= 0.33).", ""]
+    if not result["figures"]["rss"]:
+        return "\n".join(lines)
     lines += [
-        "", f"Cached / end to end wall time: {', '.join(ratios)} (target <= 0.33).", "",
         f"Peak RSS of cached training (cut {next(iter(result['figures']['side_by_side']))}, 1 epoch; activations "
         "cached beforehand by `featcache features --cut`):", "",
         "| train images | peak RSS | wall |", "|---|---|---|",
