@@ -56,7 +56,8 @@ def run_probabilities(cache_dir: Path, run_dir: Path, views: list[str],
         if kept is not None and kept.exists():
             probs[view] = np.load(kept)
             continue
-        top = top or top_model(record)
+        if top is None:
+            top = top_model(record)
         from featcache.finetuning.cached import predict
         from featcache.finetuning.stream import ActivationStream
 
