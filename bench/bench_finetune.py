@@ -10,7 +10,7 @@ includes its activation extraction. Then the peak RSS of cached training
 a ``featcache`` CLI call in its own process, timed from outside, reporting its
 own peak RSS.
 
-    .venv/bin/python bench/bench_finetune.py                  # defaults: about 25 min on 2 idle cores
+    .venv/bin/python bench/bench_finetune.py                  # defaults: about 20 min on 2 idle cores
     .venv/bin/python bench/bench_finetune.py --train 1000 --epochs 1 --cuts top:1 --rss-sizes 500,1000   # smoke run
 
 Writes ``bench/results/<date>-<host>-finetune.json`` and ``.md``.
@@ -95,6 +95,9 @@ def main() -> int:
     parser.add_argument("--work", default=None)
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
+    cuts = [c for c in args.cuts.split(",") if c]
+    if not cuts:
+        parser.error("--cuts needs at least one cut, e.g. top:2")
     work = Path(args.work or tempfile.mkdtemp(prefix="featcache-bench-ft-"))
     info = machine_info()
     say(f"machine: {info['cpu_model']}, {info['cores']} cores; work folder {work}")
@@ -108,7 +111,6 @@ def main() -> int:
     say(f"side by side: {args.train} images ({folder.name}); pooled features and a linear head first (untimed)")
     cli("features", *base, "--no-progress")
     cli("head", *base, "--head", "linear")
-    cuts = [c for c in args.cuts.split(",") if c]
     result["figures"]["side_by_side"] = {}
     for cut in cuts:
         figures = {}
