@@ -3,14 +3,18 @@
 Both routes start from the same lite0 linear head, train the same layers (those
 above the cut: ``--cut top:2`` cached, ``--unfreeze above:top:2`` end to end)
 for the same epochs at the same learning rate and schedule, with the same
-augmentation (a horizontal mirror: a cached ``flip`` view against
-``RandomFlip``), once per cut of ``--cuts``. The cached route's wall time
-includes its activation extraction. Then the peak RSS of cached training
-(activations already cached, the first cut) at two train sizes. Every step is
-a ``featcache`` CLI call in its own process, timed from outside, reporting its
-own peak RSS.
+augmentation, once per cut of ``--cuts`` and per view set of ``--views``:
+``orig,flip`` draws a cached ``flip`` view against ``RandomFlip`` end to end,
+``orig`` (the Makefile's default) has no augmentation on either side. The
+cached route's wall time includes its activation extraction; the engine choice
+for the cut's lower part (measured and converted once per machine, kept in
+``engines/``) is made by an untimed warm-up beforehand, as ``bench/run.py``
+does for pooled extraction, and its time is reported beside. Then the peak
+RSS of cached training (activations already cached, the first cut) at two
+train sizes. Every step is a ``featcache`` CLI call in its own process, timed
+from outside, reporting its own peak RSS.
 
-    .venv/bin/python bench/bench_finetune.py                  # defaults: about 20 min on 2 idle cores
+    .venv/bin/python bench/bench_finetune.py                  # defaults: about 30 min on 2 idle cores
     .venv/bin/python bench/bench_finetune.py --train 1000 --epochs 1 --cuts top:1 --rss-sizes 500,1000   # smoke run
 
 Writes ``bench/results/<date>-<host>-finetune.json`` and ``.md``.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,13 +74,23 @@ def newest_record(cache_dir: Path) -> dict:
     return json.loads(records[-1].read_text())
 
 
-def subset_folder(n: int, work: Path, source: Path, n_test: int) -> Path:
+def fresh_copy(cache: Path, target: Path) -> Path:
+    """The pooled cache, head run and engine choices of ``cache`` in a folder of their own, so that every
+    side-by-side pair extracts its activations itself (cache files hard-linked: featcache never rewrites them)."""
+    def link_h5(src: str, dst: str) -> None:
+        (os.link if src.endswith(".h5") else shutil.copy2)(src, dst)
+
+    shutil.copytree(cache, target, copy_function=link_h5)
+    return target
+
+
+def subset_folder(n: int, work: Path, source: Path, n_test: int, name: str = "cifar") -> Path:
     """``n`` train and ``n_test`` test images, a seeded sample of CIFAR-10's train split, as an image folder of
     hard links (the test images are held out of the sample, not taken from CIFAR-10's test split)."""
     _, labels, files, _ = load_images(n + n_test, source, work / "sample")
     test = np.zeros(len(files), bool)
     test[np.random.default_rng(1).choice(len(files), n_test, replace=False)] = True
-    folder = work / f"cifar-{n}-{n_test}"
+    folder = work / f"{name}-{n}-{n_test}"
     for i, (file, label) in enumerate(zip(files, labels)):
         target = folder / ("test" if test[i] else "train") / f"c{int(label)}" / f"{i:06d}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +106,8 @@ def main() -> int:
     parser.add_argument("--test", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--cuts", default="top:2,top:1", help="cuts to compare, the first also for the RSS runs")
+    parser.add_argument("--views", action="append", default=None,
+                        help="a view set to compare, repeatable (default: 'orig,flip' and 'orig')")
     parser.add_argument("--rss-sizes", default="2000,8000", help="train sizes of the cached RSS runs ('' for none)")
     parser.add_argument("--work", default=None)
     parser.add_argument("--out", default=str(HERE / "results"))
@@ -98,6 +115,9 @@ def main() -> int:
     cuts = [c for c in args.cuts.split(",") if c]
     if not cuts:
         parser.error("--cuts needs at least one cut, e.g. top:2")
+    args.views = args.views or ["orig,flip", "orig"]
+    if any(set(v.split(",")) - {"orig", "flip"} or "orig" not in v.split(",") for v in args.views):
+        parser.error(f"--views takes 'orig' or 'orig,flip'; got {args.views}")
     work = Path(args.work or tempfile.mkdtemp(prefix="featcache-bench-ft-"))
     info = machine_info()
     say(f"machine: {info['cpu_model']}, {info['cores']} cores; work folder {work}")
@@ -112,22 +132,34 @@ def main() -> int:
     cli("features", *base, "--no-progress")
     cli("head", *base, "--head", "linear")
     result["figures"]["side_by_side"] = {}
+    warm = subset_folder(1000, work, Path(args.data), 100, name="warmup")
     for cut in cuts:
-        figures = {}
-        say(f"cut {cut}, cached: activation extraction (orig + flip views) and training")
-        figures["cached"] = cli("finetune", *common, "-d", str(folder), "--cache-dir", str(cache),
-                                "--mode", "cached", "--cut", cut, "--views", "orig,flip")
-        figures["cached"]["record"] = newest_record(cache)
-        say(f"cut {cut}, cached: {figures['cached']['seconds']} s, val {figures['cached']['record']['val_acc']:.4f}")
-        say(f"cut {cut}, end to end: the same layers, epochs and schedule, RandomFlip, every step through the "
-            "whole network")
-        figures["full"] = cli("finetune", *common, "-d", str(folder), "--cache-dir", str(cache), "--mode", "full",
-                              "--unfreeze", f"above:{cut}", "--translate", "0")
-        figures["full"]["record"] = newest_record(cache)
-        say(f"cut {cut}, end to end: {figures['full']['seconds']} s, val {figures['full']['record']['val_acc']:.4f}")
-        for route in figures.values():
-            route.pop("stdout")
-        result["figures"]["side_by_side"][cut] = figures
+        say(f"cut {cut}: engine choice for the lower part (untimed warm-up on {warm.name}, other images)")
+        warmup = cli("features", "-b", "efficientnet_lite0", "-w", "imagenet", "-d", str(warm), "--cache-dir",
+                     str(cache), "--cut", cut, "--split", "train", "--no-progress")
+        warmup.pop("stdout")
+        result["figures"]["side_by_side"][cut] = {"engine_warmup": warmup}
+        for views in args.views:
+            flip = "flip" in views.split(",")
+            figures = {}
+            pair_cache = fresh_copy(cache, work / f"cache-{cut.replace(':', '')}-{views.replace(',', '-')}")
+            say(f"cut {cut}, views {views}, cached: activation extraction and training")
+            figures["cached"] = cli("finetune", *common, "-d", str(folder), "--cache-dir", str(pair_cache),
+                                    "--mode", "cached", "--cut", cut, "--views", views)
+            figures["cached"]["record"] = newest_record(pair_cache)
+            say(f"cut {cut}, views {views}, cached: {figures['cached']['seconds']} s, "
+                f"val {figures['cached']['record']['val_acc']:.4f}")
+            say(f"cut {cut}, views {views}, end to end: the same layers, epochs and schedule"
+                f"{', RandomFlip' if flip else ', no augmentation'}, every step through the whole network")
+            figures["full"] = cli("finetune", *common, "-d", str(folder), "--cache-dir", str(pair_cache),
+                                  "--mode", "full", "--unfreeze", f"above:{cut}", "--translate", "0",
+                                  "--flip" if flip else "--no-flip")
+            figures["full"]["record"] = newest_record(pair_cache)
+            say(f"cut {cut}, views {views}, end to end: {figures['full']['seconds']} s, "
+                f"val {figures['full']['record']['val_acc']:.4f}")
+            for route in figures.values():
+                route.pop("stdout")
+            result["figures"]["side_by_side"][cut][views] = figures
 
     rss = []
     for n in (int(s) for s in args.rss_sizes.split(",") if s):
@@ -164,22 +196,30 @@ def render(result: dict) -> str:
         f"{a['test']} test images, {a['epochs']} epochs above each cut, lr 3e-4 cosine, from the same linear head. "
         "Wall time of each `featcache finetune` call (cached: activation extraction included, then its parts "
         "as the run records them).", "",
-        "| cut | route | wall | of which extraction / training | peak RSS | val acc | test acc |",
-        "|---|---|---|---|---|---|---|",
+        "| cut | views | route | wall | of which extraction / training | peak RSS | val acc | test acc |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    ratios = []
+    ratios, warmups = [], []
     for cut, side in result["figures"]["side_by_side"].items():
-        c, f = side["cached"], side["full"]
-        rec = c["record"]
-        parts = f"{rec.get('activation_seconds', float('nan')):.0f} s / {rec.get('train_seconds', float('nan')):.0f} s"
-        lines += [
-            f"| {cut} | cached (`--mode cached --cut {cut} --views orig,flip`) | {c['seconds']:.0f} s | {parts} "
-            f"| {c['peak_rss_mb']:.0f} MB | {rec['val_acc']:.4f} | {rec['test_acc']:.4f} |",
-            f"| {cut} | end to end (`--mode full --unfreeze above:{cut} --translate 0`) | {f['seconds']:.0f} s | | "
-            f"{f['peak_rss_mb']:.0f} MB | {f['record']['val_acc']:.4f} | {f['record']['test_acc']:.4f} |",
-        ]
-        ratios.append(f"{cut} **{c['seconds'] / f['seconds']:.2f}**")
-    lines += ["", f"Cached / end to end wall time: {', '.join(ratios)} (target <= 0.33).", ""]
+        warmups.append(f"{cut} {side['engine_warmup']['seconds']:.0f} s")
+        for views, pair in side.items():
+            if views == "engine_warmup":
+                continue
+            c, f = pair["cached"], pair["full"]
+            rec = c["record"]
+            flip = "--flip" if "flip" in views.split(",") else "--no-flip"
+            parts = f"{rec['activation_seconds']:.0f} s / {rec['train_seconds']:.0f} s"
+            lines += [
+                f"| {cut} | {views} | cached (`--mode cached --cut {cut} --views {views}`) | {c['seconds']:.0f} s "
+                f"| {parts} | {c['peak_rss_mb']:.0f} MB | {rec['val_acc']:.4f} | {rec['test_acc']:.4f} |",
+                f"| {cut} | {views} | end to end (`--mode full --unfreeze above:{cut} --translate 0 {flip}`) "
+                f"| {f['seconds']:.0f} s | | {f['peak_rss_mb']:.0f} MB | {f['record']['val_acc']:.4f} "
+                f"| {f['record']['test_acc']:.4f} |",
+            ]
+            ratios.append(f"{cut} {views} **{c['seconds'] / f['seconds']:.2f}**")
+    lines += ["", f"Cached / end to end wall time: {', '.join(ratios)} (target <= 0.33).", "",
+              "Untimed warm-up per cut (the engine choice for the lower part, measured and converted once per "
+              f"machine and kept in the cache's engines/ folder, on 1,000 other images): {', '.join(warmups)}.", ""]
     if not result["figures"]["rss"]:
         return "\n".join(lines)
     lines += [
