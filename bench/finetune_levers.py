@@ -7,10 +7,15 @@ run's top stages and head are taken from its saved ``model.keras`` and run on th
 activations, as ``featcache finetune`` evaluates them, so nothing here touches images::
 
     .venv/bin/python bench/finetune_levers.py --cache-dir /work/cache16 \\
-        --runs <finetune run id or folder> [...] [--views orig,flip] [--memo DIR] [--subsets]
+        --runs <finetune run id or folder> [...] [--views orig,flip] [--memo DIR] [--subsets] [--select-on-val]
 
 Run folders may come from several cache folders (for example an ensemble of two backbones):
 each run is evaluated on the test activations of the cache folder that holds it.
+
+With ``--select-on-val``, each run's probabilities on its validation images (the rows of its
+``validation.csv``, read from its train activation caches) choose the ensemble: the subset with
+the best validation accuracy is named with its test accuracy, so the pick never sees the test split.
+Every run must have held out the same validation images.
 
 A view whose test activations are missing (the run was made without ``--tta``) can be cached
 with ``featcache features --cut <cut> --views orig,flip`` and the run's other settings.
@@ -68,6 +73,42 @@ def run_probabilities(cache_dir: Path, run_dir: Path, views: list[str],
     return record, probs, labels
 
 
+def val_probabilities(run_dir: Path, views: list[str], memo: Path | None = None) -> tuple[np.ndarray, dict, np.ndarray]:
+    """``(dataset rows, {view: probabilities}, labels)`` of the run's validation images, from its train
+    activation caches (the files its record lists), in dataset-row order."""
+    import csv
+
+    record = json.loads((run_dir / "record.json").read_text())
+    with open(run_dir / "validation.csv", newline="") as fh:
+        wanted = np.sort(np.array([int(r["row"]) for r in csv.DictReader(fh)], dtype=np.int64))
+    probs, labels, top = {}, None, None
+    for view in views:
+        found = [Path(c) for c in record["activation_caches"] if f"-train-{view}-" in Path(c).name]
+        if len(found) != 1:
+            raise SystemExit(f"{run_dir.name}: expected one train activation cache of view {view}, found {found}")
+        with h5py.File(found[0], "r") as fh:
+            indices, file_labels = fh["indices"][...], fh["labels"][...]
+        order = np.argsort(indices)
+        at = order[np.searchsorted(indices, wanted, sorter=order)]
+        if not np.array_equal(indices[at], wanted):
+            raise SystemExit(f"{found[0].name} lacks some of {run_dir.name}'s validation rows")
+        labels = file_labels[at]
+        kept = memo / f"{run_dir.name}-{found[0].stem}-val.npy" if memo else None
+        if kept is not None and kept.exists():
+            probs[view] = np.load(kept)
+            continue
+        if top is None:
+            top = top_model(record)
+        from featcache.finetuning.cached import predict
+        from featcache.finetuning.stream import ActivationStream
+
+        probs[view] = predict(top, ActivationStream([found[0]], tuple(record["activation_shape"]), at, file_labels, 256))
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            np.save(kept, probs[view])
+    return wanted, probs, labels
+
+
 def top_model(record: dict):
     """The run's trained top stages and head, from its saved image model, fed activations at its cut."""
     import keras
@@ -94,6 +135,8 @@ def main() -> None:
     parser.add_argument("--views", default="orig,flip", help="test views to average ('orig' first)")
     parser.add_argument("--memo", default=None, help="folder to keep each run's test probabilities in and reuse")
     parser.add_argument("--subsets", action="store_true", help="also every ensemble of two or more of the runs")
+    parser.add_argument("--select-on-val", action="store_true",
+                        help="choose the ensemble among the subsets by validation accuracy (views averaged)")
     args = parser.parse_args()
     cache_dir = Path(args.cache_dir)
     views = [v for v in args.views.split(",") if v]
@@ -101,6 +144,7 @@ def main() -> None:
         parser.error("--views must start with orig")
 
     rows, single, averaged, labels = [], [], [], None
+    val_rows, val_labels, val_averaged = None, None, []
     for run in args.runs:
         run_dir = Path(run) if Path(run).is_dir() else cache_dir / "runs" / run
         run_id = run_dir.name
@@ -109,6 +153,12 @@ def main() -> None:
         if labels is not None and not np.array_equal(labels, run_labels):
             raise SystemExit(f"{run_id} was evaluated on other test images than the first run")
         labels = run_labels
+        if args.select_on_val:
+            these, vprobs, vlabels = val_probabilities(run_dir, views, memo)
+            if val_rows is not None and not np.array_equal(val_rows, these):
+                raise SystemExit(f"{run_id} held out other validation images than the first run")
+            val_rows, val_labels = these, vlabels
+            val_averaged.append(np.mean([vprobs[v] for v in views], axis=0))
         head = json.loads((run_dir.parent / record["head_run"] / "record.json").read_text())
         mean = np.mean([probs[v] for v in views], axis=0)
         single.append(probs["orig"])
@@ -129,6 +179,21 @@ def main() -> None:
             best = max(rows[i][3] for i in members)
             print(f"| ensemble of runs {', '.join(str(i + 1) for i in members)} | | | {one:.2%} "
                   f"({(one - best) * 100:+.2f} over its best run) | {avg:.2%} ({(avg - one) * 100:+.2f}) |")
+    chosen = None
+    if args.select_on_val:  # every non-empty subset, a single run included
+        for size in range(1, len(rows) + 1):
+            for members in itertools.combinations(range(len(rows)), size):
+                val = accuracy(np.mean([val_averaged[i] for i in members], axis=0), val_labels)
+                if chosen is None or val > chosen[0]:
+                    avg = accuracy(np.mean([averaged[i] for i in members], axis=0), labels)
+                    chosen = (val, members, avg)
+    if chosen is not None:
+        every = accuracy(np.mean(val_averaged, axis=0), val_labels)
+        print("\nValidation, views averaged: " + ", ".join(
+            f"run {i + 1} {accuracy(v, val_labels):.2%}" for i, v in enumerate(val_averaged)) + f"; all runs {every:.2%}")
+        val, members, avg = chosen
+        print(f"\nChosen on validation ({len(val_rows)} images, {'+'.join(views)} averaged): ensemble of runs "
+              f"{', '.join(str(i + 1) for i in members)}, validation {val:.2%}, test {avg:.2%}")
 
 
 if __name__ == "__main__":
