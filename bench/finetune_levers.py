@@ -89,7 +89,7 @@ def val_probabilities(run_dir: Path, views: list[str], memo: Path | None = None)
         with h5py.File(found[0], "r") as fh:
             indices, file_labels = fh["indices"][...], fh["labels"][...]
         order = np.argsort(indices)
-        at = order[np.searchsorted(indices, wanted, sorter=order)]
+        at = order[np.clip(np.searchsorted(indices, wanted, sorter=order), 0, len(indices) - 1)]
         if not np.array_equal(indices[at], wanted):
             raise SystemExit(f"{found[0].name} lacks some of {run_dir.name}'s validation rows")
         labels = file_labels[at]
