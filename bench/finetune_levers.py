@@ -48,8 +48,7 @@ def run_probabilities(cache_dir: Path, run_dir: Path, views: list[str],
     record = json.loads((run_dir / "record.json").read_text())
     if record.get("kind") != "finetune" or record.get("mode") != "cached":
         raise SystemExit(f"{run_dir} is not a cached fine-tune run")
-    probs, labels, top = {}, None, None
-    shape = tuple(record["activation_shape"])
+    probs, labels, tops = {}, None, {}
     for view in views:
         path = test_cache(cache_dir, record, view)
         with h5py.File(path, "r") as fh:
@@ -58,19 +57,26 @@ def run_probabilities(cache_dir: Path, run_dir: Path, views: list[str],
             raise SystemExit(f"{path.name} lists its images in another order than the orig view")
         labels = view_labels
         kept = memo / f"{run_dir.name}-{path.stem}.npy" if memo else None
-        if kept is not None and kept.exists():
-            probs[view] = np.load(kept)
-            continue
-        if top is None:
-            top = top_model(record)
-        from featcache.finetuning.cached import predict
-        from featcache.finetuning.stream import ActivationStream
-
-        probs[view] = predict(top, ActivationStream([path], shape, np.arange(len(labels)), labels, 256))
-        if kept is not None:
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            np.save(kept, probs[view])
+        probs[view] = cached_predict(record, path, np.arange(len(labels)), labels, kept, tops)
     return record, probs, labels
+
+
+def cached_predict(record: dict, path: Path, rows: np.ndarray, file_labels: np.ndarray, kept: Path | None,
+                   tops: dict) -> np.ndarray:
+    """The run's probabilities on ``rows`` of one activation cache, reused from ``kept`` when it exists;
+    ``tops`` holds the run's top model once built, so a run loads its saved model at most once."""
+    if kept is not None and kept.exists():
+        return np.load(kept)
+    if "top" not in tops:
+        tops["top"] = top_model(record)
+    from featcache.finetuning.cached import predict
+    from featcache.finetuning.stream import ActivationStream
+
+    probs = predict(tops["top"], ActivationStream([path], tuple(record["activation_shape"]), rows, file_labels, 256))
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        np.save(kept, probs)
+    return probs
 
 
 def val_probabilities(run_dir: Path, views: list[str], memo: Path | None = None) -> tuple[np.ndarray, dict, np.ndarray]:
@@ -81,7 +87,7 @@ def val_probabilities(run_dir: Path, views: list[str], memo: Path | None = None)
     record = json.loads((run_dir / "record.json").read_text())
     with open(run_dir / "validation.csv", newline="") as fh:
         wanted = np.sort(np.array([int(r["row"]) for r in csv.DictReader(fh)], dtype=np.int64))
-    probs, labels, top = {}, None, None
+    probs, labels, tops = {}, None, {}
     for view in views:
         found = [Path(c) for c in record["activation_caches"] if f"-train-{view}-" in Path(c).name]
         if len(found) != 1:
@@ -94,18 +100,7 @@ def val_probabilities(run_dir: Path, views: list[str], memo: Path | None = None)
             raise SystemExit(f"{found[0].name} lacks some of {run_dir.name}'s validation rows")
         labels = file_labels[at]
         kept = memo / f"{run_dir.name}-{found[0].stem}-val.npy" if memo else None
-        if kept is not None and kept.exists():
-            probs[view] = np.load(kept)
-            continue
-        if top is None:
-            top = top_model(record)
-        from featcache.finetuning.cached import predict
-        from featcache.finetuning.stream import ActivationStream
-
-        probs[view] = predict(top, ActivationStream([found[0]], tuple(record["activation_shape"]), at, file_labels, 256))
-        if kept is not None:
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            np.save(kept, probs[view])
+        probs[view] = cached_predict(record, found[0], at, file_labels, kept, tops)
     return wanted, probs, labels
 
 
